@@ -1,0 +1,31 @@
+// Argument checks of the permute ops, shared by the CUDA and the CPU implementations so that both
+// reject the same inputs with the same messages.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace moe_kernels {
+
+struct SortShape {
+  int64_t num_tokens;         // T
+  int64_t topk;               // K
+  int64_t num_local_experts;  // E_local, resolved (E when there is no expert_map)
+  int64_t num_rows;           // M, a static upper bound: shapes never depend on data
+};
+
+SortShape check_sort_args(const char* op, const at::Tensor& topk_ids, int64_t num_experts,
+                          const std::optional<at::Tensor>& expert_map, int64_t num_local_experts,
+                          int64_t align_block_size);
+
+void check_permute_hidden(const char* op, const at::Tensor& hidden_states, const at::Tensor& topk_ids);
+
+// Checks of a weighted gather (moe_unpermute, ep_post_reorder): rows [R,H], weights [T,K],
+// index [T,K] int32.
+void check_weighted_gather_args(const char* op, const char* rows_name, const at::Tensor& rows,
+                                const at::Tensor& topk_weights, const at::Tensor& index, const char* index_name);
+
+void check_problem_sizes_args(const at::Tensor& expert_offsets, int64_t n, int64_t k);
+
+}  // namespace moe_kernels

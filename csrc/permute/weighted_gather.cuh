@@ -1,0 +1,94 @@
+// out[t] = sum over kept k of w[t,k] * rows[index[t,k]]: the reduction of moe_unpermute and of
+// ep_post_reorder, which differ only in which k are kept (the Keep policy).
+//
+// One block per token (grid-stride), kVec elements per access so that each thread moves 16 bytes;
+// fp32 accumulators in registers; out is written once. The K source rows and weights of a token
+// are staged in shared memory after the filter, so the inner loop has no branches on ids.
+#pragma once
+
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "common/float_convert.cuh"
+#include "common/limits.h"
+
+namespace moe_kernels {
+
+constexpr int kGatherThreads = 128;
+
+template <typename T, typename W>
+struct WeightedGatherParams {
+  const T* rows;
+  const W* weights;
+  const int32_t* index;
+  T* out;
+  int64_t num_tokens;
+  int topk;
+  int64_t hidden;
+  int64_t num_rows;
+};
+
+// moe_unpermute: a choice is kept when it has a row (dropped choices carry -1).
+struct KeepMapped {
+  __device__ bool operator()(int64_t /*flat*/) const { return true; }
+};
+
+// ep_post_reorder: a choice is kept when its expert lies in [start, end].
+template <typename IdT>
+struct KeepExpertRange {
+  const IdT* topk_ids;
+  int64_t start;
+  int64_t end;
+  __device__ bool operator()(int64_t flat) const {
+    const IdT e = topk_ids[flat];
+    return e >= start && e <= end;
+  }
+};
+
+template <typename T, typename W, int kVec, typename Keep>
+__global__ void __launch_bounds__(kGatherThreads) weighted_gather_kernel(WeightedGatherParams<T, W> p, Keep keep) {
+  struct alignas(sizeof(T) * kVec) Pack { T v[kVec]; };
+  __shared__ int32_t rows[kMaxTopK];
+  __shared__ float weights[kMaxTopK];
+  __shared__ int num_kept;
+  const int64_t packs_per_row = p.hidden / kVec;
+
+  for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    if (threadIdx.x == 0) {  // compact the kept choices, in k order (fixed summation order)
+      int n = 0;
+      for (int k = 0; k < p.topk; ++k) {
+        const int64_t flat = t * p.topk + k;
+        const int32_t r = p.index[flat];
+        // Rows outside [0, R) are skipped: nothing is read out of bounds on bad indices.
+        if (r >= 0 && r < p.num_rows && keep(flat)) {
+          rows[n] = r;
+          weights[n] = to_float(p.weights[flat]);
+          ++n;
+        }
+      }
+      num_kept = n;
+    }
+    __syncthreads();
+    const int n = num_kept;
+    Pack* out = reinterpret_cast<Pack*>(p.out + t * p.hidden);
+    for (int64_t v = threadIdx.x; v < packs_per_row; v += kGatherThreads) {
+      float acc[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
+#pragma unroll 4
+      for (int k = 0; k < n; ++k) {
+        const Pack x = reinterpret_cast<const Pack*>(p.rows + rows[k] * p.hidden)[v];
+        const float w = weights[k];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) acc[j] = fmaf(w, to_float(x.v[j]), acc[j]);
+      }
+      Pack y;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) y.v[j] = from_float<T>(acc[j]);
+      out[v] = y;
+    }
+    __syncthreads();  // rows[] and num_kept are reused by the next token
+  }
+}
+
+}  // namespace moe_kernels

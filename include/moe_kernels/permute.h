@@ -1,0 +1,32 @@
+// Public C++ API of the permute ops. Each call goes through the PyTorch dispatcher, so it runs the
+// CUDA or CPU implementation by the inputs' device, exactly as torch.ops.moe_kernels.<op> does.
+// Contracts (shapes, dtypes, meaning): docs/ops.md and the Python docstrings.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace moe_kernels {
+
+// -> (expert_offsets [E_local+1] int64, inv_permuted_idx [T,K] int32, permuted_idx [M] int32)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(
+    const at::Tensor& topk_ids, int64_t num_experts, const std::optional<at::Tensor>& expert_map = std::nullopt,
+    int64_t num_local_experts = -1, int64_t align_block_size = 0);
+
+// -> (permuted [M,H], expert_offsets, inv_permuted_idx, permuted_idx)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
+    const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
+    const std::optional<at::Tensor>& expert_map = std::nullopt, int64_t num_local_experts = -1,
+    int64_t align_block_size = 0);
+
+// -> out [T,H]: out[t] = sum_k topk_weights[t,k] * permuted[inv_permuted_idx[t,k]]
+at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
+                         const at::Tensor& inv_permuted_idx);
+
+// -> (problem_sizes1 [E_local,3] int32, problem_sizes2 [E_local,3] int32)
+std::tuple<at::Tensor, at::Tensor> compute_problem_sizes(const at::Tensor& expert_offsets, int64_t n, int64_t k,
+                                                         bool swap_ab = false);
+
+}  // namespace moe_kernels

@@ -1,0 +1,32 @@
+"""moe_kernels: Mixture-of-Experts CUDA kernels for PyTorch on Hopper.
+
+The ops are registered under torch.ops.moe_kernels; the functions here wrap them with
+docstrings, defaults and fake (meta) kernels for torch.compile.
+"""
+
+from pathlib import Path
+
+from . import _library
+
+_library.load()
+
+from .ops.permute import (  # noqa: E402
+    compute_problem_sizes,
+    moe_permute,
+    moe_sort_tokens,
+    moe_unpermute,
+)
+
+#: Prefix for CMake's find_package(moe_kernels) in C++ extensions that link the library.
+cmake_prefix_path = str(Path(__file__).resolve().parent / "lib" / "cmake")
+#: Public C++ headers (include/moe_kernels/*.h).
+include_path = str(Path(__file__).resolve().parent / "include")
+
+__all__ = [
+    "compute_problem_sizes",
+    "moe_permute",
+    "moe_sort_tokens",
+    "moe_unpermute",
+    "cmake_prefix_path",
+    "include_path",
+]

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# On a GPU machine: build with all cores, run every test, run compute-sanitizer on the kernels,
+# run the benchmarks, and print a short table last. Logs go to $OUT (or /tmp/gpu-check).
+#
+#   bash scripts/gpu-check.sh                 # everything
+#   STAGES="build test" bash scripts/gpu-check.sh
+#   BENCH="bench/bench_permute.py" PYTEST_ARGS="-k permute" bash scripts/gpu-check.sh
+#
+# Where the machine lacks the CUTLASS headers, stage the nvidia-cutlass wheel in .whl/ first
+# (../shared/gpu/stage-wheels.sh); this script installs .whl/*.whl into /tmp/site when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build test sanitize bench"}
+BENCH=${BENCH:-"$(ls bench/bench_*.py 2>/dev/null | tr '\n' ' ')"}
+PYTEST_ARGS=${PYTEST_ARGS:-}
+summary=()
+status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1
+
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if stage build; then
+  start=$SECONDS
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install --no-build-isolation --no-deps -v . \
+    > "$OUT/build.log" 2>&1
+  rc=$?
+  summary+=("build: rc=$rc in $((SECONDS - start)) s (log: build.log)")
+  if [ $rc -ne 0 ]; then
+    grep -E "error|Error" "$OUT/build.log" | head -40
+    printf '%s\n' "${summary[@]}"
+    exit $rc
+  fi
+fi
+
+if stage test; then
+  python3 -m pytest tests -q -rs $PYTEST_ARGS 2>&1 | tee "$OUT/test.log" | tail -30
+  rc=${PIPESTATUS[0]}
+  [ $rc -ne 0 ] && status=$rc
+  summary+=("tests: $(tail -1 "$OUT/test.log")")
+fi
+
+if stage sanitize; then
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py > "$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=$rc
+    summary+=("compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)")
+  done
+fi
+
+if stage bench; then
+  for b in $BENCH; do
+    log="$OUT/$(basename "$b" .py).log"
+    python3 "$b" > "$log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=$rc
+    summary+=("$b: rc=$rc")
+    cp bench/results/*.json "$OUT/" 2>/dev/null
+  done
+fi
+
+echo
+echo "================ summary ================"
+for b in $BENCH; do
+  stage bench && { echo "--- $b"; grep -v '^saved' "$OUT/$(basename "$b" .py).log" | tail -60; }
+done
+printf '%s\n' "${summary[@]}"
+exit $status

@@ -1,0 +1,34 @@
+"""Small calls of every CUDA op, for compute-sanitizer (memcheck, racecheck, synccheck).
+
+Run: compute-sanitizer --tool racecheck python3 scripts/sanitize_ops.py
+Each op runs on shapes that exercise its edge paths (tails, padding, dropped choices, T = 0).
+"""
+
+import torch
+
+import moe_kernels
+
+
+def run_permute():
+    for T, K, E, local, align, H, dtype in [(300, 8, 64, 16, 16, 2055, torch.bfloat16),
+                                             (5, 2, 8, None, 0, 4096, torch.float32),
+                                             (0, 4, 8, None, 8, 64, torch.float16),
+                                             (2000, 8, 256, None, 0, 512, torch.float8_e4m3fn)]:
+        x = torch.randn(T, H, device="cuda").to(dtype)
+        ids = torch.rand(T, E, device="cuda").argsort(1)[:, :K].int().contiguous()
+        emap = None
+        if local:
+            emap = torch.full((E,), -1, dtype=torch.int32, device="cuda")
+            emap[torch.randperm(E, device="cuda")[:local]] = torch.arange(local, dtype=torch.int32, device="cuda")
+        permuted, offsets, inv, _ = moe_kernels.moe_permute(x, ids, E, emap, local or -1, align)
+        if dtype != torch.float8_e4m3fn:
+            moe_kernels.moe_unpermute(permuted, torch.rand(T, K, device="cuda"), inv)
+        moe_kernels.compute_problem_sizes(offsets, 64, H, True)
+    bad = torch.tensor([[0, 99], [-1, 3]], device="cuda")
+    moe_kernels.moe_sort_tokens(bad, 8)
+
+
+if __name__ == "__main__":
+    run_permute()
+    torch.cuda.synchronize()
+    print("sanitize_ops: done")
