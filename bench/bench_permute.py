@@ -30,7 +30,9 @@ def torch_permute(x, ids, E):
     K = ids.shape[1]
     order = torch.argsort(ids.view(-1), stable=True)
     offsets = torch.zeros(E + 1, dtype=torch.int64, device=x.device)
-    offsets[1:] = torch.cumsum(torch.bincount(ids.view(-1), minlength=E), 0)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device)  # bincount would sync (it reads max(ids))
+    counts.scatter_add_(0, ids.view(-1).long(), torch.ones_like(ids.view(-1), dtype=torch.int64))
+    offsets[1:] = torch.cumsum(counts, 0)
     return x.index_select(0, order // K), offsets, order
 
 
