@@ -70,6 +70,7 @@ def main():
             ours_p = harness.time_per_call(lambda x, ids: moe_kernels.moe_permute(x, ids, E),
                                            [(s[0], s[1]) for s in sets])
             peer_p = harness.time_per_call(lambda x, ids: torch_permute(x, ids, E), [(s[0], s[1]) for s in sets])
+            ours_s = harness.time_per_call(lambda ids: moe_kernels.moe_sort_tokens(ids, E), [(s[1],) for s in sets])
             ours_u = harness.time_per_call(moe_kernels.moe_unpermute, [(s[3], s[2], s[4]) for s in sets])
             peer_u = harness.time_per_call(torch_unpermute, [(s[3], s[2], s[4]) for s in sets])
             del sets
@@ -79,8 +80,9 @@ def main():
                     "model": name, "op": op, "T": T,
                     "us": ours * 1e6, "torch_us": peer * 1e6, "speedup": peer / ours,
                     "GB/s": nbytes / ours / 1e9, "frac_copy_bw": nbytes / ours / bw,
+                    **({"sort_us": ours_s * 1e6} if op == "permute" else {}),
                 })
-    harness.print_table(rows, ["model", "op", "T", "us", "torch_us", "speedup", "GB/s", "frac_copy_bw"])
+    harness.print_table(rows, ["model", "op", "T", "us", "sort_us", "torch_us", "speedup", "GB/s", "frac_copy_bw"])
     print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
     path = harness.save("permute", {"copy_bandwidth_Bps": bw}, rows)
     print(f"saved {path}")

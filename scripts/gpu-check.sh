@@ -23,6 +23,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1
+# The GPU image's default compiler (/opt/gcc/bin/g++) links libstdc++ statically into shared
+# libraries; a second libstdc++ inside _C.so crashes as soon as a TORCH_CHECK message formats a
+# number (seen 2026-11-22). Build with the system compiler, which links the shared libstdc++.
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+fi
 
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
 

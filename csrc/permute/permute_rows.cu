@@ -8,14 +8,16 @@ namespace moe_kernels {
 namespace {
 
 // Enough blocks to fill the GPU several times over; each loops over its share of tokens.
-constexpr int64_t kMaxPermuteBlocks = 132 * 16;
+constexpr int64_t kMaxPermuteBlocks = 132 * 32;
 
 template <int kVecBytes>
 cudaError_t launch_with_width(const PermuteRowsArgs& a, cudaStream_t stream) {
   if (a.num_tokens > 0 && a.row_bytes > 0) {
     PermuteRowsParams p{static_cast<const uint8_t*>(a.hidden_states), static_cast<uint8_t*>(a.permuted),
                         a.row_bytes, a.num_tokens, a.topk, a.inv_permuted_idx, a.num_rows};
-    const int blocks = static_cast<int>(std::min(a.num_tokens, kMaxPermuteBlocks));
+    const int64_t slices = ceil_div(a.row_bytes / kVecBytes, kPermuteThreads);
+    const dim3 blocks(static_cast<unsigned>(std::min(a.num_tokens, std::max<int64_t>(1, kMaxPermuteBlocks / slices))),
+                      static_cast<unsigned>(slices));
     permute_rows_kernel<kVecBytes><<<blocks, kPermuteThreads, 0, stream>>>(p);
   }
   if (a.zero_padding_rows && a.num_rows > 0 && a.row_bytes > 0) {

@@ -12,7 +12,7 @@
 
 namespace moe_kernels {
 
-constexpr int kPermuteThreads = 256;
+constexpr int kPermuteThreads = 128;
 
 struct PermuteRowsParams {
   const uint8_t* src;
@@ -24,20 +24,22 @@ struct PermuteRowsParams {
   int64_t num_rows;
 };
 
+// Grid: x walks tokens, y splits the row into slices of kPermuteThreads vectors (small T still
+// fills the GPU). Each thread loads one vector of its token's row and stores it K times.
 template <int kVecBytes>
 __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(PermuteRowsParams p) {
   using Vec = ByteVec<kVecBytes>;
   __shared__ int32_t rows[kMaxTopK];
   const int64_t vecs_per_row = p.row_bytes / kVecBytes;
+  const int64_t v = static_cast<int64_t>(blockIdx.y) * kPermuteThreads + threadIdx.x;
   for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     if (threadIdx.x < p.topk) {
       const int32_t r = p.inv_permuted_idx[t * p.topk + threadIdx.x];
       rows[threadIdx.x] = (r >= 0 && r < p.num_rows) ? r : -1;  // never write outside [0, M)
     }
     __syncthreads();
-    const Vec* src = reinterpret_cast<const Vec*>(p.src + t * p.row_bytes);
-    for (int64_t v = threadIdx.x; v < vecs_per_row; v += kPermuteThreads) {
-      const Vec value = src[v];
+    if (v < vecs_per_row) {
+      const Vec value = reinterpret_cast<const Vec*>(p.src + t * p.row_bytes)[v];
       for (int k = 0; k < p.topk; ++k) {
         const int32_t r = rows[k];
         if (r >= 0) reinterpret_cast<Vec*>(p.dst + r * p.row_bytes)[v] = value;

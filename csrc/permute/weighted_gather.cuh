@@ -45,6 +45,9 @@ struct KeepExpertRange {
   }
 };
 
+// Grid: x walks tokens, y splits the row into slices of kGatherThreads packs, so that small T
+// still fills the GPU (T = 16 with H = 7168 gives 16 x 7 blocks). Each thread owns one pack of
+// kVec elements of the row and sums its K sources with several loads in flight.
 template <typename T, typename W, int kVec, typename Keep>
 __global__ void __launch_bounds__(kGatherThreads) weighted_gather_kernel(WeightedGatherParams<T, W> p, Keep keep) {
   struct alignas(sizeof(T) * kVec) Pack { T v[kVec]; };
@@ -52,30 +55,36 @@ __global__ void __launch_bounds__(kGatherThreads) weighted_gather_kernel(Weighte
   __shared__ float weights[kMaxTopK];
   __shared__ int num_kept;
   const int64_t packs_per_row = p.hidden / kVec;
+  const int64_t v = static_cast<int64_t>(blockIdx.y) * kGatherThreads + threadIdx.x;
+  const int lane = threadIdx.x % 32;
 
   for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-    if (threadIdx.x == 0) {  // compact the kept choices, in k order (fixed summation order)
+    if (threadIdx.x < 32) {  // warp 0 compacts the kept choices, in k order (fixed summation order)
       int n = 0;
-      for (int k = 0; k < p.topk; ++k) {
+      for (int k0 = 0; k0 < p.topk; k0 += 32) {
+        const int k = k0 + lane;
         const int64_t flat = t * p.topk + k;
-        const int32_t r = p.index[flat];
+        int32_t r = -1;
         // Rows outside [0, R) are skipped: nothing is read out of bounds on bad indices.
-        if (r >= 0 && r < p.num_rows && keep(flat)) {
-          rows[n] = r;
-          weights[n] = to_float(p.weights[flat]);
-          ++n;
+        if (k < p.topk) r = p.index[flat];
+        const bool kept = r >= 0 && r < p.num_rows && keep(flat);
+        const unsigned ballot = __ballot_sync(0xffffffffu, kept);
+        if (kept) {
+          const int slot = n + __popc(ballot & ((1u << lane) - 1u));
+          rows[slot] = r;
+          weights[slot] = to_float(p.weights[flat]);
         }
+        n += __popc(ballot);
       }
-      num_kept = n;
+      if (lane == 0) num_kept = n;
     }
     __syncthreads();
-    const int n = num_kept;
-    Pack* out = reinterpret_cast<Pack*>(p.out + t * p.hidden);
-    for (int64_t v = threadIdx.x; v < packs_per_row; v += kGatherThreads) {
+    if (v < packs_per_row) {
+      const int n = num_kept;
       float acc[kVec];
 #pragma unroll
       for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
-#pragma unroll 4
+#pragma unroll 8
       for (int k = 0; k < n; ++k) {
         const Pack x = reinterpret_cast<const Pack*>(p.rows + rows[k] * p.hidden)[v];
         const float w = weights[k];
@@ -85,7 +94,7 @@ __global__ void __launch_bounds__(kGatherThreads) weighted_gather_kernel(Weighte
       Pack y;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) y.v[j] = from_float<T>(acc[j]);
-      out[v] = y;
+      reinterpret_cast<Pack*>(p.out + t * p.hidden)[v] = y;
     }
     __syncthreads();  // rows[] and num_kept are reused by the next token
   }
