@@ -24,7 +24,9 @@ struct SortTokensArgs {
   int32_t* inv_permuted_idx;    // [T, K]
   int32_t* permuted_idx;        // [M]
 };
-cudaError_t launch_sort_tokens(const SortTokensArgs& args, cudaStream_t stream);
+// Scratch (int32 elements) that launch_sort_tokens needs for these sizes; 0 when none.
+int64_t sort_tokens_workspace_ints(int64_t num_choices, int num_local_experts);
+cudaError_t launch_sort_tokens(const SortTokensArgs& args, void* workspace, cudaStream_t stream);
 
 struct PermuteRowsArgs {
   const void* hidden_states;    // [T, H], any element type: rows are moved as bytes

@@ -33,7 +33,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor&
                    offsets.data_ptr<int64_t>(),
                    inv.data_ptr<int32_t>(),
                    perm.data_ptr<int32_t>()};
-  check_launch(launch_sort_tokens(a, current_stream()), op);
+  // Per-block expert counts of the multi-block sort, from the caching allocator (no cudaMalloc).
+  const int64_t scratch_ints = sort_tokens_workspace_ints(s.num_tokens * s.topk, static_cast<int>(s.num_local_experts));
+  at::Tensor scratch = at::empty({scratch_ints}, topk_ids.options().dtype(at::kInt));
+  check_launch(launch_sort_tokens(a, scratch_ints > 0 ? scratch.data_ptr() : nullptr, current_stream()), op);
   return {offsets, inv, perm};
 }
 

@@ -1,15 +1,20 @@
-// Routing metadata in one block: which row of the expert-grouped layout each (token, k) goes to.
+// Routing metadata: which row of the expert-grouped layout each (token, k) choice goes to.
 //
 // Rows are grouped by local expert in ascending order and, inside an expert, kept in (token, k)
-// order (a stable counting sort). The flat list of T*K choices is cut into one contiguous chunk
-// per warp; each warp counts its chunk per expert, a scan over (expert, warp) turns the counts
-// into each warp's first row per expert, and each warp walks its chunk again handing out rows.
-// Inside a warp, __match_any_sync groups lanes with the same expert, so the rank of a lane among
-// its peers is a popcount: no atomics, and the order is deterministic.
+// order: a stable counting sort. The flat list of T*K choices is cut into one contiguous chunk per
+// block and, inside a block, one sub-chunk per warp. Inside a warp, __match_any_sync groups the
+// lanes that chose the same expert, so a lane's rank among its peers is a popcount: no atomics,
+// and the order is deterministic.
 //
-// A single block keeps everything in shared memory and needs no grid-wide sync; the ids are read
-// in batches of kBatch rounds so that many loads are in flight per lane (the sort is latency
-// bound, and at T*K = 131072 it stays a few percent of the data movement that follows it).
+//   count kernel (only when there are several blocks): each block counts its chunk per expert.
+//   place kernel: each block counts its chunk per (warp, expert) again, reads the other blocks'
+//     counts to find the expert starts (every block does this small scan itself, so no third
+//     launch is needed), then hands out rows walking its chunk in order. Block 0 also writes
+//     expert_offsets and the -1 of padding and unused rows.
+// With one block (T*K <= kSortChunk) the place kernel alone does everything.
+//
+// Ids are read in batches of kSortBatch rounds so that several loads are in flight per lane: the
+// sort is latency bound.
 #pragma once
 
 #include <cstdint>
@@ -17,30 +22,31 @@
 
 namespace moe_kernels {
 
-constexpr int kSortWarps = 32;
-constexpr int kSortThreads = kSortWarps * 32;
-constexpr int kSortBatch = 8;  // rounds of 32 ids loaded before any is used
+constexpr int kSortBatch = 8;       // rounds of 32 ids loaded before any is used
+constexpr int kSortChunk = 4096;    // choices per block when several blocks are used
 
 struct SortParams {
   const void* topk_ids;
   const int32_t* expert_map;
-  int64_t num_choices;  // T * K
+  int64_t num_choices;       // T * K
   int num_experts;
   int num_local_experts;
   int align;
   int64_t num_rows;
+  int64_t chunk;             // choices per block
+  int32_t* block_counts;     // [gridDim.x][E_local], or nullptr with a single block
   int64_t* expert_offsets;
   int32_t* inv_permuted_idx;
   int32_t* permuted_idx;
 };
 
-// The local expert of choice i, or -1 when dropped: not local (expert_map -1), or an id out of
+// The local expert of a choice, or -1 when dropped: not local (expert_map -1), or an id out of
 // range (a GPU cannot raise on data without a host sync, so bad ids are dropped, never written).
 template <typename IdT>
 __device__ __forceinline__ int local_expert_of(const SortParams& p, IdT id) {
   if (id < 0 || id >= p.num_experts) return -1;
   if (p.expert_map == nullptr) return static_cast<int>(id);
-  int local = __ldg(p.expert_map + id);
+  const int local = __ldg(p.expert_map + id);
   return (local >= 0 && local < p.num_local_experts) ? local : -1;
 }
 
@@ -75,68 +81,114 @@ __device__ __forceinline__ void walk_chunk(const SortParams& p, int64_t begin, i
   }
 }
 
-template <typename IdT>
-__global__ void __launch_bounds__(kSortThreads) sort_tokens_kernel(SortParams p) {
-  using BlockScan = cub::BlockScan<int64_t, kSortThreads>;
-  __shared__ typename BlockScan::TempStorage scan_storage;
-  extern __shared__ int32_t warp_counts[];  // [kSortWarps][E_local], later each warp's next row
+__device__ __forceinline__ int64_t clamp_to(int64_t x, int64_t hi) { return x < hi ? x : hi; }
 
+// Counts this block's chunk per (warp, expert) into warp_counts [kWarps][E] (shared memory).
+template <typename IdT, int kWarps>
+__device__ __forceinline__ void count_block_chunk(const SortParams& p, int32_t* warp_counts, int64_t& begin,
+                                                  int64_t& end) {
   const int E = p.num_local_experts;
   const int warp = threadIdx.x / 32;
-  const int64_t chunk = (p.num_choices + kSortWarps - 1) / kSortWarps;
-  const int64_t begin = warp * chunk < p.num_choices ? warp * chunk : p.num_choices;
-  const int64_t end = begin + chunk < p.num_choices ? begin + chunk : p.num_choices;
+  const int64_t block_begin = clamp_to(blockIdx.x * p.chunk, p.num_choices);
+  const int64_t block_end = clamp_to(block_begin + p.chunk, p.num_choices);
+  const int64_t per_warp = (block_end - block_begin + kWarps - 1) / kWarps;
+  begin = clamp_to(block_begin + warp * per_warp, block_end);
+  end = clamp_to(begin + per_warp, block_end);
+  for (int i = threadIdx.x; i < kWarps * E; i += kWarps * 32) warp_counts[i] = 0;
+  __syncthreads();
   int32_t* my_counts = warp_counts + warp * E;
-
-  for (int i = threadIdx.x; i < kSortWarps * E; i += kSortThreads) warp_counts[i] = 0;
+  walk_chunk<IdT>(p, begin, end, [](int64_t, int, int) {}, [&](int e, int n) { my_counts[e] += n; });
   __syncthreads();
+}
 
-  // Pass 1: per-warp counts.
-  auto add_to_count = [&](int e, int n) { my_counts[e] += n; };
-  walk_chunk<IdT>(p, begin, end, [](int64_t, int, int) {}, add_to_count);
-  __syncthreads();
+template <typename IdT, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) sort_count_kernel(SortParams p) {
+  extern __shared__ int32_t warp_counts[];
+  int64_t begin, end;
+  count_block_chunk<IdT, kWarps>(p, warp_counts, begin, end);
+  const int E = p.num_local_experts;
+  for (int e = threadIdx.x; e < E; e += kWarps * 32) {
+    int32_t total = 0;
+    for (int w = 0; w < kWarps; ++w) total += warp_counts[w * E + e];
+    p.block_counts[blockIdx.x * E + e] = total;
+  }
+}
 
-  // Each thread owns a run of consecutive experts for the scan.
-  const int per_thread = (E + kSortThreads - 1) / kSortThreads;
+template <typename IdT, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) sort_place_kernel(SortParams p) {
+  constexpr int kThreads = kWarps * 32;
+  using BlockScan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  extern __shared__ int32_t warp_counts[];  // [kWarps][E]: counts, then each warp's next row
+
+  int64_t begin, end;
+  count_block_chunk<IdT, kWarps>(p, warp_counts, begin, end);
+  const int E = p.num_local_experts;
+
+  // Each thread owns a run of consecutive experts: their sizes over all blocks (for the scan that
+  // places the experts) and the rows that earlier blocks take in each of them.
+  const int per_thread = (E + kThreads - 1) / kThreads;
   const int e0 = min(E, static_cast<int>(threadIdx.x) * per_thread);
   const int e1 = min(E, e0 + per_thread);
+  auto total_of = [&](int e, int64_t& before) {
+    if (p.block_counts == nullptr) {
+      int64_t total = 0;
+      for (int w = 0; w < kWarps; ++w) total += warp_counts[w * E + e];
+      before = 0;
+      return total;
+    }
+    int64_t total = 0;
+    before = 0;
+    for (int b = 0; b < static_cast<int>(gridDim.x); ++b) {
+      const int32_t n = p.block_counts[b * E + e];
+      if (b < static_cast<int>(blockIdx.x)) before += n;
+      total += n;
+    }
+    return total;
+  };
+  auto aligned = [&](int64_t n) { return p.align > 0 ? (n + p.align - 1) / p.align * p.align : n; };
+
   int64_t my_rows = 0;
   for (int e = e0; e < e1; ++e) {
-    int64_t total = 0;
-    for (int w = 0; w < kSortWarps; ++w) total += warp_counts[w * E + e];
-    my_rows += p.align > 0 ? (total + p.align - 1) / p.align * p.align : total;
+    int64_t before;
+    my_rows += aligned(total_of(e, before));
   }
   int64_t start = 0;
   int64_t used = 0;
   BlockScan(scan_storage).ExclusiveSum(my_rows, start, used);
 
   for (int e = e0; e < e1; ++e) {
-    p.expert_offsets[e] = start;
-    int64_t row = start;
-    for (int w = 0; w < kSortWarps; ++w) {  // counts -> first row of each warp's share
+    int64_t before;
+    const int64_t total = total_of(e, before);
+    int64_t row = start + before;
+    for (int w = 0; w < kWarps; ++w) {  // counts -> first row of each warp's share
       const int32_t n = warp_counts[w * E + e];
       warp_counts[w * E + e] = static_cast<int32_t>(row);
       row += n;
     }
-    const int64_t segment_end = p.align > 0 ? start + (row - start + p.align - 1) / p.align * p.align : row;
-    for (int64_t r = row; r < segment_end; ++r) p.permuted_idx[r] = -1;  // alignment padding
-    start = segment_end;
+    if (blockIdx.x == 0) {
+      p.expert_offsets[e] = start;
+      for (int64_t r = start + total; r < start + aligned(total); ++r) p.permuted_idx[r] = -1;  // padding
+    }
+    start += aligned(total);
   }
-  if (threadIdx.x == 0) p.expert_offsets[E] = used;
-  for (int64_t r = used + threadIdx.x; r < p.num_rows; r += kSortThreads) p.permuted_idx[r] = -1;
+  if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) p.expert_offsets[E] = used;
+    for (int64_t r = used + threadIdx.x; r < p.num_rows; r += kThreads) p.permuted_idx[r] = -1;
+  }
   __syncthreads();
 
-  // Pass 2: hand out rows in (token, k) order.
+  int32_t* my_next = warp_counts + (threadIdx.x / 32) * E;
   auto place = [&](int64_t i, int e, int rank) {
     if (e < 0) {
       p.inv_permuted_idx[i] = -1;
       return;
     }
-    const int32_t row = my_counts[e] + rank;
+    const int32_t row = my_next[e] + rank;
     p.inv_permuted_idx[i] = row;
     p.permuted_idx[row] = static_cast<int32_t>(i);
   };
-  walk_chunk<IdT>(p, begin, end, place, add_to_count);
+  walk_chunk<IdT>(p, begin, end, place, [&](int e, int n) { my_next[e] += n; });
 }
 
 }  // namespace moe_kernels
