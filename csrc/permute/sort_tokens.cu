@@ -6,8 +6,8 @@
 namespace moe_kernels {
 namespace {
 
-// Few choices: one small block (less shared memory to clear, shorter scans over warps).
-constexpr int64_t kSmallSort = 2048;
+// Few choices: one block of 16 warps, each walking at most one batch (16 * 32 * kSortBatch).
+constexpr int64_t kSmallSort = 4096;
 
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t smem) {
@@ -32,7 +32,7 @@ cudaError_t launch(SortParams p, int blocks, void* workspace, cudaStream_t strea
 
 template <typename IdT>
 cudaError_t launch_for_ids(const SortParams& p, int blocks, void* workspace, cudaStream_t stream) {
-  if (p.num_choices <= kSmallSort) return launch<IdT, 4>(p, 1, workspace, stream);
+  if (p.num_choices <= kSmallSort) return launch<IdT, 16>(p, 1, workspace, stream);
   return launch<IdT, 32>(p, blocks, workspace, stream);
 }
 

@@ -70,6 +70,7 @@ __device__ __forceinline__ void walk_chunk(const SortParams& p, int64_t begin, i
     }
 #pragma unroll
     for (int r = 0; r < kSortBatch; ++r) {
+      if (base + r * 32 >= end) break;  // warp-uniform: the rest of the batch is empty
       const int64_t i = base + r * 32 + lane;
       const int e = experts[r];
       const unsigned peers = __match_any_sync(0xffffffffu, e);
