@@ -292,7 +292,8 @@ def check_cuda_matches_cpu(op, x, mode, poison=0xFF):
     poison_cuda_allocator(poison)
     q, scale = run_op(fn, x.cuda(), mode, given.cuda())
     torch.cuda.synchronize()
-    assert q.shape == want_q.shape and q.device.type == "cuda" and scale.shape == want_scale.shape
+    assert q.device.type == "cuda" and scale.device.type == "cuda"
+    assert q.shape == want_q.shape and scale.shape == want_scale.shape
     if mode == "static":
         assert torch.equal(scale.cpu(), given)
     else:
