@@ -11,4 +11,8 @@ TORCH_LIBRARY(moe_kernels, m) {
         "Tensor inv_permuted_idx, Tensor permuted_idx)");
   m.def("moe_unpermute(Tensor permuted, Tensor topk_weights, Tensor inv_permuted_idx) -> Tensor");
   m.def("compute_problem_sizes(Tensor expert_offsets, int n, int k, bool swap_ab=False) -> (Tensor, Tensor)");
+
+  // quant/
+  m.def("scaled_fp8_quant(Tensor x, Tensor? scale=None, bool per_token=False) -> (Tensor q, Tensor scale)");
+  m.def("silu_and_mul_quant_fp8(Tensor x, Tensor? scale=None, bool per_token=False) -> (Tensor q, Tensor scale)");
 }

@@ -28,7 +28,19 @@ def run_permute():
     moe_kernels.moe_sort_tokens(bad, 8)
 
 
+def run_quant():
+    # Vector widths 8/4/2/1 (K = 2056, 12, 2, 7), the uncached per-token path (K > 10240), M = 0.
+    static = torch.tensor([0.02], device="cuda")
+    for M, K, dtype in [(300, 2056, torch.bfloat16), (7, 12, torch.float16), (33, 2, torch.float32),
+                        (5, 7, torch.bfloat16), (3, 12288, torch.bfloat16), (0, 64, torch.float16)]:
+        x = torch.randn(M, 2 * K, device="cuda").to(dtype)
+        for scale, per_token in [(static, False), (None, False), (None, True)]:
+            moe_kernels.scaled_fp8_quant(x, scale, per_token)
+            moe_kernels.silu_and_mul_quant_fp8(x, scale, per_token)
+
+
 if __name__ == "__main__":
     run_permute()
+    run_quant()
     torch.cuda.synchronize()
     print("sanitize_ops: done")

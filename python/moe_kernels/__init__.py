@@ -16,6 +16,10 @@ from .ops.permute import (  # noqa: E402
     moe_sort_tokens,
     moe_unpermute,
 )
+from .ops.quant import (  # noqa: E402
+    scaled_fp8_quant,
+    silu_and_mul_quant_fp8,
+)
 
 #: Prefix for CMake's find_package(moe_kernels) in C++ extensions that link the library.
 cmake_prefix_path = str(Path(__file__).resolve().parent / "lib" / "cmake")
@@ -27,6 +31,8 @@ __all__ = [
     "moe_permute",
     "moe_sort_tokens",
     "moe_unpermute",
+    "scaled_fp8_quant",
+    "silu_and_mul_quant_fp8",
     "cmake_prefix_path",
     "include_path",
 ]

@@ -1,0 +1,26 @@
+#include "quant/checks.h"
+
+namespace moe_kernels {
+
+QuantShape check_quant_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                            bool silu_and_mul) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D ", silu_and_mul ? "[M, 2I]" : "[M, K]", ", got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, op,
+              ": x must be bfloat16, float16 or float32, got ", dt);
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  if (silu_and_mul) {
+    TORCH_CHECK(x.size(1) % 2 == 0, op, ": x must have an even number of columns (gate and up halves, [M, 2I]), got ",
+                x.size(1));
+  }
+  if (scale.has_value()) {
+    const at::Tensor& s = *scale;
+    TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": scale must be float32, got ", s.scalar_type());
+    TORCH_CHECK(s.numel() == 1 && s.dim() <= 1, op,
+                ": scale must have shape [1] (a static per-tensor scale), got shape ", s.sizes());
+    TORCH_CHECK(s.device() == x.device(), op, ": scale must be on ", x.device(), " (as x), got ", s.device());
+  }
+  return QuantShape{x.size(0), silu_and_mul ? x.size(1) / 2 : x.size(1)};
+}
+
+}  // namespace moe_kernels

@@ -1,0 +1,21 @@
+// Argument checks of the quant ops, shared by the CUDA and the CPU implementations so that both
+// reject the same inputs with the same messages.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace moe_kernels {
+
+struct QuantShape {
+  int64_t rows;  // M
+  int64_t cols;  // columns of q: K, or I for silu_and_mul (x has 2I)
+};
+
+// x [M, K] (or [M, 2I] with silu_and_mul) bfloat16, float16 or float32, contiguous; scale, when
+// given, a float32 tensor of one element ([1] or a scalar) on x's device.
+QuantShape check_quant_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                            bool silu_and_mul);
+
+}  // namespace moe_kernels

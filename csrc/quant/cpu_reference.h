@@ -1,0 +1,18 @@
+// CPU implementations of the quant ops: plain loops over the arithmetic of fp8_math.h, written to
+// be read as the specification that the CUDA kernels are tested against (byte for byte).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace moe_kernels::cpu {
+
+std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                                                    bool per_token);
+
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
+                                                          const std::optional<at::Tensor>& scale, bool per_token);
+
+}  // namespace moe_kernels::cpu

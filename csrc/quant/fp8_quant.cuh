@@ -1,0 +1,185 @@
+// FP8 (e4m3) quantization of rows: scaled_fp8_quant (y = x) and silu_and_mul_quant_fp8
+// (y = silu(gate) * up) share these kernels; they differ only in the Input policy that produces
+// y, kVec values at a time, from one 16-byte (or narrower) load per input half-row.
+//
+// Scales, three ways:
+// - static per-tensor: quantize_rows_kernel reads the given scale (one pass over x);
+// - dynamic per-tensor: tensor_scale_kernel reduces amax per block and takes the maximum of the
+//   per-block scales with an atomicMax on the float bits (positive floats order like their bits),
+//   then quantize_rows_kernel (two passes over x, no host sync);
+// - dynamic per-token: quantize_per_token_kernel, one block per row: y is computed once, kept in
+//   shared memory (kCacheRow, when the row fits) while the block reduces its amax, then quantized
+//   (one pass over x); longer rows recompute y from x in the second pass (an L2 hit).
+//
+// Arithmetic: fp8_math.h, shared with the CPU reference.
+#pragma once
+
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "common/float_convert.cuh"
+#include "quant/fp8_math.h"
+
+namespace moe_kernels {
+
+constexpr int kQuantThreads = 128;
+
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) ElemPack {
+  T v[kVec];
+};
+
+// y = x: row r of x [rows, cols].
+template <typename T, int kVec>
+struct PlainInput {
+  const T* x;
+  int64_t cols;
+  __device__ __forceinline__ void load(int64_t row, int64_t v, float (&y)[kVec]) const {
+    const ElemPack<T, kVec> p = reinterpret_cast<const ElemPack<T, kVec>*>(x + row * cols)[v];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) y[j] = to_float(p.v[j]);
+  }
+};
+
+// y = silu(gate) * up: row r of x [rows, 2*cols] holds gate in its first cols columns and up in
+// the last cols (the layout of vLLM's w13 output).
+template <typename T, int kVec>
+struct SiluAndMulInput {
+  const T* x;
+  int64_t cols;
+  __device__ __forceinline__ void load(int64_t row, int64_t v, float (&y)[kVec]) const {
+    const T* gate_row = x + row * 2 * cols;
+    const ElemPack<T, kVec> g = reinterpret_cast<const ElemPack<T, kVec>*>(gate_row)[v];
+    const ElemPack<T, kVec> u = reinterpret_cast<const ElemPack<T, kVec>*>(gate_row + cols)[v];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) y[j] = fp8::silu_and_mul(to_float(g.v[j]), to_float(u.v[j]));
+  }
+};
+
+// Stores kVec quantized values (saturated, round to nearest even) with one kVec-byte access.
+template <int kVec>
+__device__ __forceinline__ void store_e4m3(uint8_t* dst, const float (&y)[kVec], float inv_scale) {
+  float s[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) s[j] = fp8::mul_rn(y[j], inv_scale);
+  if constexpr (kVec == 1) {
+    *dst = __nv_cvt_float_to_fp8(s[0], __NV_SATFINITE, __NV_E4M3);
+  } else {
+    // Pairs convert in one instruction; the first element of a pair lands in the low byte.
+    uint16_t pairs[kVec / 2];
+#pragma unroll
+    for (int j = 0; j < kVec / 2; ++j)
+      pairs[j] = __nv_cvt_float2_to_fp8x2(make_float2(s[2 * j], s[2 * j + 1]), __NV_SATFINITE, __NV_E4M3);
+    if constexpr (kVec == 2) {
+      *reinterpret_cast<uint16_t*>(dst) = pairs[0];
+    } else if constexpr (kVec == 4) {
+      *reinterpret_cast<uint32_t*>(dst) = pairs[0] | (static_cast<uint32_t>(pairs[1]) << 16);
+    } else {
+      static_assert(kVec == 8, "kVec must be 1, 2, 4 or 8");
+      *reinterpret_cast<uint2*>(dst) = make_uint2(pairs[0] | (static_cast<uint32_t>(pairs[1]) << 16),
+                                                  pairs[2] | (static_cast<uint32_t>(pairs[3]) << 16));
+    }
+  }
+}
+
+// The maximum of v over the block (NaN ignored); every thread gets it. `warp_max` holds one float
+// per warp; the call ends with a barrier, so the caller may reuse it right away.
+__device__ __forceinline__ float block_max(float v, float* warp_max) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) warp_max[warp] = v;
+  __syncthreads();
+  float m = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kQuantThreads / 32; ++w) m = fmaxf(m, warp_max[w]);
+  __syncthreads();
+  return m;
+}
+
+template <typename Input>
+struct QuantParams {
+  Input input;
+  int64_t rows;
+  int64_t vecs_per_row;        // cols / kVec
+  uint8_t* q;                  // [rows, cols], e4m3 bytes
+  const float* scale;          // per-tensor modes: [1], read after the producer wrote it
+  float* scale_copy;           // static mode: the op's scale output (a copy of *scale), else nullptr
+  float* token_scale;          // per-token mode: [rows]
+};
+
+// Dynamic per-tensor, pass 1: scale = max over blocks of scale_from_amax(block amax), into
+// *scale, which the launcher zeroed. Every block, even one with no rows, contributes (at least
+// kMinScale), so that rows = 0 still yields a valid scale.
+template <typename Input, int kVec>
+__global__ void __launch_bounds__(kQuantThreads) tensor_scale_kernel(QuantParams<Input> p, float* scale) {
+  __shared__ float warp_max[kQuantThreads / 32];
+  float amax = 0.0f;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    for (int64_t v = threadIdx.x; v < p.vecs_per_row; v += kQuantThreads) {
+      float y[kVec];
+      p.input.load(r, v, y);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fabsf(y[j]));
+    }
+  }
+  amax = block_max(amax, warp_max);
+  if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(scale), __float_as_int(fp8::scale_from_amax(amax)));
+}
+
+// Per-tensor quantization with the scale in *p.scale (given, or computed by tensor_scale_kernel).
+template <typename Input, int kVec>
+__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(QuantParams<Input> p) {
+  const float scale = *p.scale;
+  if (p.scale_copy != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *p.scale_copy = scale;
+  const float inv_scale = fp8::inverse_scale(scale);
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    uint8_t* q_row = p.q + r * p.vecs_per_row * kVec;
+    for (int64_t v = threadIdx.x; v < p.vecs_per_row; v += kQuantThreads) {
+      float y[kVec];
+      p.input.load(r, v, y);
+      store_e4m3<kVec>(q_row + v * kVec, y, inv_scale);
+    }
+  }
+}
+
+// Dynamic per-token: one block per row. With kCacheRow, y goes to shared memory (component-major,
+// cache[j * vecs_per_row + v], so that a warp's accesses fall in distinct banks) and is read back
+// by the same thread after the reduction; without, it is recomputed from x.
+template <typename Input, int kVec, bool kCacheRow>
+__global__ void __launch_bounds__(kQuantThreads) quantize_per_token_kernel(QuantParams<Input> p) {
+  __shared__ float warp_max[kQuantThreads / 32];
+  extern __shared__ float cache[];  // [kVec * vecs_per_row] floats when kCacheRow
+  const int64_t n = p.vecs_per_row;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    float amax = 0.0f;
+    for (int64_t v = threadIdx.x; v < n; v += kQuantThreads) {
+      float y[kVec];
+      p.input.load(r, v, y);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        amax = fmaxf(amax, fabsf(y[j]));
+        if constexpr (kCacheRow) cache[j * n + v] = y[j];
+      }
+    }
+    const float scale = fp8::scale_from_amax(block_max(amax, warp_max));
+    if (threadIdx.x == 0) p.token_scale[r] = scale;
+    const float inv_scale = fp8::inverse_scale(scale);
+    uint8_t* q_row = p.q + r * n * kVec;
+    for (int64_t v = threadIdx.x; v < n; v += kQuantThreads) {
+      float y[kVec];
+      if constexpr (kCacheRow) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) y[j] = cache[j * n + v];
+      } else {
+        p.input.load(r, v, y);
+      }
+      store_e4m3<kVec>(q_row + v * kVec, y, inv_scale);
+    }
+    // The next row overwrites only this thread's own cache slots, read above by this thread:
+    // no barrier needed (block_max's barriers order warp_max).
+  }
+}
+
+}  // namespace moe_kernels

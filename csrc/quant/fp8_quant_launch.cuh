@@ -1,0 +1,81 @@
+// The launch logic shared by scaled_fp8_quant.cu and silu_and_mul_quant.cu: element type and
+// vector width dispatch, then the kernels of the scale mode (see fp8_quant.cuh).
+#pragma once
+
+#include <algorithm>
+
+#include "common/cuda_utils.cuh"
+#include "quant/fp8_quant.cuh"
+#include "quant/launchers.h"
+
+namespace moe_kernels {
+
+// Enough blocks to fill the GPU several times over; each loops over its share of rows.
+constexpr int64_t kMaxQuantBlocks = 132 * 16;
+
+// A per-token row is kept in shared memory (as fp32) up to this size (10240 columns), under the
+// 48 KiB a block may use without opting in; longer rows are recomputed from x in the second pass.
+constexpr int64_t kMaxCachedRowBytes = 40 * 1024;
+
+template <template <typename, int> class Input, typename T, int kVec>
+cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
+  using In = Input<T, kVec>;
+  QuantParams<In> p{In{static_cast<const T*>(a.x), a.cols}, a.rows, a.cols / kVec, a.q, nullptr, nullptr, nullptr};
+  const int grid = static_cast<int>(std::clamp<int64_t>(a.rows, 1, kMaxQuantBlocks));
+  switch (a.mode) {
+    case QuantScaleMode::kStaticPerTensor:
+      // Launched even for rows = 0: the kernel also writes the scale output.
+      p.scale = a.static_scale;
+      p.scale_copy = a.scale;
+      quantize_rows_kernel<In, kVec><<<grid, kQuantThreads, 0, stream>>>(p);
+      break;
+    case QuantScaleMode::kDynamicPerTensor: {
+      const cudaError_t err = cudaMemsetAsync(a.scale, 0, sizeof(float), stream);
+      if (err != cudaSuccess) return err;
+      tensor_scale_kernel<In, kVec><<<grid, kQuantThreads, 0, stream>>>(p, a.scale);
+      p.scale = a.scale;
+      quantize_rows_kernel<In, kVec><<<grid, kQuantThreads, 0, stream>>>(p);
+      break;
+    }
+    case QuantScaleMode::kDynamicPerToken: {
+      if (a.rows == 0) return cudaSuccess;
+      p.token_scale = a.scale;
+      const int64_t row_bytes = a.cols * static_cast<int64_t>(sizeof(float));
+      if (row_bytes <= kMaxCachedRowBytes) {
+        quantize_per_token_kernel<In, kVec, true><<<grid, kQuantThreads, row_bytes, stream>>>(p);
+      } else {
+        quantize_per_token_kernel<In, kVec, false><<<grid, kQuantThreads, 0, stream>>>(p);
+      }
+      break;
+    }
+  }
+  return cudaGetLastError();
+}
+
+// 16-byte loads when the row length and the base address allow, else the widest that fits
+// (odd column counts take the scalar path).
+template <template <typename, int> class Input, typename T>
+cudaError_t launch_quant_with_width(const Fp8QuantArgs& a, cudaStream_t stream) {
+  const void* ptrs[] = {a.x};
+  const int vec_bytes = pick_vec_bytes(a.cols * static_cast<int64_t>(sizeof(T)), ptrs, 1);
+  const int vec = std::max<int>(1, vec_bytes / static_cast<int>(sizeof(T)));
+  constexpr int kMaxVec = 16 / sizeof(T);
+  if (vec >= kMaxVec) return launch_quant_typed<Input, T, kMaxVec>(a, stream);
+  if constexpr (kMaxVec > 4) {
+    if (vec >= 4) return launch_quant_typed<Input, T, 4>(a, stream);
+  }
+  if (vec >= 2) return launch_quant_typed<Input, T, 2>(a, stream);
+  return launch_quant_typed<Input, T, 1>(a, stream);
+}
+
+template <template <typename, int> class Input>
+cudaError_t launch_quant(const Fp8QuantArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kFloat32: return launch_quant_with_width<Input, float>(a, stream);
+    case DType::kFloat16: return launch_quant_with_width<Input, __half>(a, stream);
+    case DType::kBFloat16: return launch_quant_with_width<Input, __nv_bfloat16>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace moe_kernels

@@ -1,0 +1,35 @@
+// Launchers of the quant/ kernels. Plain C++ (pointers, sizes, a stream): no torch types, so that
+// the .cu files compile without torch headers. Each returns the launch's cudaError_t.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/dtype.h"
+
+namespace moe_kernels {
+
+enum class QuantScaleMode {
+  kStaticPerTensor,   // the caller's scale [1]; copied to `scale`
+  kDynamicPerTensor,  // scale [1] = max(amax(|y|) / 448, kMinScale), computed on the device
+  kDynamicPerToken,   // scale [rows] = the same per row
+};
+
+struct Fp8QuantArgs {
+  const void* x;              // [rows, cols] (scaled_fp8_quant) or [rows, 2*cols] (silu_and_mul)
+  DType dtype;                // float32, float16 or bfloat16
+  int64_t rows;
+  int64_t cols;               // columns of q
+  QuantScaleMode mode;
+  const float* static_scale;  // [1] for kStaticPerTensor, else nullptr
+  float* scale;               // out: [1] for the per-tensor modes, [rows] per token
+  uint8_t* q;                 // out: [rows, cols] float8_e4m3fn
+};
+
+// q = e4m3(saturate(x * (1 / scale)))
+cudaError_t launch_scaled_fp8_quant(const Fp8QuantArgs& args, cudaStream_t stream);
+
+// q = e4m3(saturate(silu(x[:, :cols]) * x[:, cols:] * (1 / scale)))
+cudaError_t launch_silu_and_mul_quant_fp8(const Fp8QuantArgs& args, cudaStream_t stream);
+
+}  // namespace moe_kernels

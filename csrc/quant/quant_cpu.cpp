@@ -1,0 +1,78 @@
+// Compiled with -ffp-contract=off (CMakeLists.txt): every operation of fp8_math.h stays one IEEE
+// rounding, as on the device.
+#include <cmath>
+#include <vector>
+
+#include "quant/checks.h"
+#include "quant/cpu_reference.h"
+#include "quant/fp8_math.h"
+
+namespace moe_kernels::cpu {
+namespace {
+
+c10::Float8_e4m3fn to_e4m3(float y, float inv_scale) {
+  float v = fp8::mul_rn(y, inv_scale);
+  if (!std::isnan(v)) v = std::fmin(std::fmax(v, -fp8::kE4M3Max), fp8::kE4M3Max);  // saturate
+  return c10::Float8_e4m3fn(v);  // round to nearest even
+}
+
+float amax_of(const float* y, int64_t n) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = fp8::max_ignoring_nan(amax, fp8::abs_f(y[i]));
+  return amax;
+}
+
+// y [M, C] fp32 -> (q [M, C] e4m3, scale [1] or [M, 1]).
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                                            bool per_token) {
+  const int64_t M = y.size(0);
+  const int64_t C = y.size(1);
+  const float* y_p = y.data_ptr<float>();
+  auto q = at::empty({M, C}, y.options().dtype(at::kFloat8_e4m3fn));
+  auto* q_p = q.data_ptr<c10::Float8_e4m3fn>();
+
+  if (per_token && !scale.has_value()) {
+    auto scales = at::empty({M, 1}, y.options());
+    float* s_p = scales.data_ptr<float>();
+    for (int64_t r = 0; r < M; ++r) {
+      s_p[r] = fp8::scale_from_amax(amax_of(y_p + r * C, C));
+      const float inv = fp8::inverse_scale(s_p[r]);
+      for (int64_t c = 0; c < C; ++c) q_p[r * C + c] = to_e4m3(y_p[r * C + c], inv);
+    }
+    return {q, scales};
+  }
+
+  // Per tensor: the given scale (static; per_token only selects the granularity of a dynamic
+  // scale), or one computed from the whole tensor.
+  auto scales = scale.has_value() ? scale->reshape({1}).clone() : at::empty({1}, y.options());
+  float* s_p = scales.data_ptr<float>();
+  if (!scale.has_value()) s_p[0] = fp8::scale_from_amax(amax_of(y_p, M * C));
+  const float inv = fp8::inverse_scale(s_p[0]);
+  for (int64_t i = 0; i < M * C; ++i) q_p[i] = to_e4m3(y_p[i], inv);
+  return {q, scales};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                                                    bool per_token) {
+  check_quant_args("scaled_fp8_quant", x, scale, /*silu_and_mul=*/false);
+  return quantize(x.to(at::kFloat).contiguous(), scale, per_token);
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
+                                                          const std::optional<at::Tensor>& scale, bool per_token) {
+  const QuantShape s = check_quant_args("silu_and_mul_quant_fp8", x, scale, /*silu_and_mul=*/true);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* x_p = xf.data_ptr<float>();
+  auto y = at::empty({s.rows, s.cols}, xf.options());
+  float* y_p = y.data_ptr<float>();
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const float* gate = x_p + r * 2 * s.cols;
+    const float* up = gate + s.cols;
+    for (int64_t c = 0; c < s.cols; ++c) y_p[r * s.cols + c] = fp8::silu_and_mul(gate[c], up[c]);
+  }
+  return quantize(y, scale, per_token);
+}
+
+}  // namespace moe_kernels::cpu

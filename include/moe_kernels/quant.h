@@ -1,0 +1,26 @@
+// Public C++ API of the FP8 quantization ops. Each call goes through the PyTorch dispatcher, so it
+// runs the CUDA or CPU implementation by the inputs' device, exactly as torch.ops.moe_kernels.<op>
+// does. Contracts (shapes, dtypes, meaning): docs/ops.md and the Python docstrings.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace moe_kernels {
+
+// x [M,K] bf16/fp16/fp32 -> (q [M,K] float8_e4m3fn, scale f32). scale given ([1]): static
+// per-tensor, returned (copied) as is; else dynamic: [1] per tensor, or [M,1] with per_token.
+// Dynamic scales are max(amax / 448, 1 / (448 * 512)); q = e4m3(saturate(x * (1 / scale))).
+std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x,
+                                                    const std::optional<at::Tensor>& scale = std::nullopt,
+                                                    bool per_token = false);
+
+// x [M,2I] (gate | up) -> (q [M,I] float8_e4m3fn, scale f32): y = silu(gate) * up in fp32, then
+// quantized as scaled_fp8_quant does.
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
+                                                          const std::optional<at::Tensor>& scale = std::nullopt,
+                                                          bool per_token = false);
+
+}  // namespace moe_kernels

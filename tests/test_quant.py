@@ -1,0 +1,412 @@
+"""scaled_fp8_quant, silu_and_mul_quant_fp8: CPU reference against plain torch formulas, CUDA
+against the CPU reference (byte for byte), opcheck, bad inputs, CUDA graphs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import moe_kernels
+
+from helpers import DEVICES, poison_cuda_allocator
+
+FP8 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+MIN_SCALE = 1.0 / (448.0 * 512.0)  # the floor of dynamic scales (vLLM's)
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+MODES = ["static", "per_tensor", "per_token"]
+
+
+# ---------------------------------------------------------------- plain torch formulas (the spec)
+
+def random_input(M, K, dtype, device="cpu"):
+    """Rows of different magnitudes (10^-2 .. 10^2), so that per-token scales differ."""
+    x = torch.randn(M, K) * torch.pow(10.0, torch.empty(M, 1).uniform_(-2, 2))
+    return x.to(dtype).to(device)
+
+
+def formula_scale(y, per_token):
+    """Dynamic scale: max(amax / 448, 1 / (448 * 512)), in fp32."""
+    a = y.abs()
+    if per_token:
+        amax = a.amax(dim=1, keepdim=True) if y.shape[1] > 0 else torch.zeros(y.shape[0], 1)
+    else:
+        amax = a.max().reshape(1) if y.numel() > 0 else torch.zeros(1)
+    return torch.clamp(amax / E4M3_MAX, min=MIN_SCALE)
+
+
+def formula_quant(y, scale):
+    """q = e4m3(clamp(y * (1 / scale), -448, 448)), the product in fp32."""
+    return (y * scale.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+
+
+def formula_silu_and_mul(x):
+    I = x.shape[1] // 2
+    xf = x.float()
+    return F.silu(xf[:, :I]) * xf[:, I:]
+
+
+def static_scale_for(y):
+    """A static scale that saturates the largest values (about 30% of the range beyond +-448)."""
+    amax = y.abs().max() if y.numel() > 0 else torch.tensor(1.0)
+    return (amax.float() / E4M3_MAX * 0.7).reshape(1)
+
+
+def run_op(op, x, mode, scale=None):
+    if mode == "static":
+        return op(x, scale, False)
+    return op(x, None, mode == "per_token")
+
+
+def e4m3_half_ulp(v):
+    """Half the spacing of the e4m3 grid around |v| (subnormal spacing 2^-9 below 2^-6)."""
+    exponent = torch.floor(torch.log2(v.abs().clamp(min=2.0**-6)))
+    return torch.pow(2.0, exponent - 3) / 2
+
+
+def assert_within_half_ulp(q, v):
+    """q (e4m3) is v (fp64, unsaturated) rounded to the e4m3 grid, allowing for the fp32 rounding
+    differences of two silu implementations: |q - clamp(v)| <= half an e4m3 step (+ 1e-5 relative)."""
+    want = v.clamp(-E4M3_MAX, E4M3_MAX)
+    err = (q.double() - want).abs()
+    bound = e4m3_half_ulp(want) * (1 + 1e-5) + 1e-5 * want.abs()
+    bad = err > bound
+    assert not bad.any(), f"{int(bad.sum())} values off by more than half an e4m3 step: q={q.double()[bad][:5]}, v={want[bad][:5]}"
+
+
+def assert_same_bytes(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype == FP8
+    ab, bb = a.cpu().view(torch.uint8), b.cpu().view(torch.uint8)
+    diff = ab != bb
+    assert not diff.any(), f"{int(diff.sum())} bytes differ, e.g. {ab[diff][:8].tolist()} vs {bb[diff][:8].tolist()}"
+
+
+# ---------------------------------------------------------------- CPU reference semantics
+
+SHAPES = [(0, 64), (1, 64), (7, 2056), (1000, 96), (7, 7), (33, 1), (5, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K", SHAPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_scaled_fp8_quant_matches_formula(dtype, M, K, mode):
+    x = random_input(M, K, dtype)
+    y = x.float()
+    given = static_scale_for(y)
+    q, scale = run_op(moe_kernels.scaled_fp8_quant, x, mode, given)
+    want_scale = given if mode == "static" else formula_scale(y, mode == "per_token")
+    # Same fp32 operations as the reference (amax, IEEE division, floor): equal bits.
+    assert scale.dtype == torch.float32 and scale.shape == want_scale.shape
+    assert torch.equal(scale, want_scale)
+    assert q.shape == (M, K)
+    assert_same_bytes(q, formula_quant(y, want_scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,I", [(0, 64), (1, 64), (7, 1028), (1000, 48), (7, 7), (3, 0)])
+@pytest.mark.parametrize("mode", MODES)
+def test_silu_and_mul_quant_matches_formula(dtype, M, I, mode):
+    x = random_input(M, 2 * I, dtype)
+    y = formula_silu_and_mul(x)
+    given = static_scale_for(y)
+    q, scale = run_op(moe_kernels.silu_and_mul_quant_fp8, x, mode, given)
+    assert q.shape == (M, I) and q.dtype == FP8
+    if mode == "static":
+        assert torch.equal(scale, given)
+    else:
+        # Our silu's exponential is a polynomial within 1 ulp of exp: amax within a few fp32 ulp.
+        torch.testing.assert_close(scale, formula_scale(y, mode == "per_token"), rtol=1e-6, atol=0)
+    # Against the exact value y / scale: one e4m3 rounding (half a step), whatever the fp32 path.
+    assert_within_half_ulp(q, y.double() / scale.double())
+
+
+def test_silu_and_mul_quant_equals_quant_of_its_activation_when_exact():
+    # Where silu is exact in fp32 (gate = 0 gives 0; large gate gives gate itself), the fused op
+    # must give the bytes of scaled_fp8_quant of the product.
+    gate = torch.tensor([[0.0, 100.0, -0.0, 90.0], [200.0, 0.0, 150.0, 81.0]])
+    up = torch.randn(2, 4)
+    q, scale = moe_kernels.silu_and_mul_quant_fp8(torch.cat([gate, up], dim=1), None, True)
+    want_q, want_scale = moe_kernels.scaled_fp8_quant(gate * up, None, True)
+    assert torch.equal(scale, want_scale)
+    assert_same_bytes(q, want_q)
+
+
+def test_scaled_fp8_quant_saturates_beyond_448_times_scale():
+    x = torch.tensor([[1000.0, -1000.0, 224.0, -224.0, 225.0, 1e30, -float("inf"), 223.0, 0.0]])
+    q, _ = moe_kernels.scaled_fp8_quant(x, torch.tensor([0.5]))
+    assert q.float().tolist() == [[448.0, -448.0, 448.0, -448.0, 448.0, 448.0, -448.0, 448.0, 0.0]]
+
+
+def test_silu_and_mul_quant_saturates_beyond_448_times_scale():
+    # silu(g) = g for g >= 80 in fp32 (e^-80 is below an ulp of 1); silu(-1000) = -0.
+    gate = torch.tensor([[1000.0, 224.0, 1e30, 1000.0, 0.0, -1000.0, 2.0]])
+    up = torch.tensor([[100.0, 100.0, 100.0, -100.0, 100.0, 100.0, 1.0]])
+    q, _ = moe_kernels.silu_and_mul_quant_fp8(torch.cat([gate, up], dim=1), torch.tensor([0.5]))
+    silu2 = 2.0 / (1.0 + torch.exp(torch.tensor(-2.0, dtype=torch.float64))).item()
+    assert q.float()[0, :6].tolist() == [448.0, 448.0, 448.0, -448.0, 0.0, -0.0]
+    assert abs(q.float()[0, 6].item() - silu2 / 0.5) <= 0.125  # 3.52 on the e4m3 grid (step 0.25)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_dynamic_scale_maps_amax_to_448(dtype, per_token):
+    x = random_input(9, 300, dtype)
+    q, scale = moe_kernels.scaled_fp8_quant(x, None, per_token)
+    qa = q.float().abs()
+    if per_token:
+        assert (qa.amax(dim=1) == E4M3_MAX).all()
+    else:
+        assert qa.max() == E4M3_MAX
+
+
+@pytest.mark.parametrize("op", ["scaled_fp8_quant", "silu_and_mul_quant_fp8"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_all_zero_rows_get_the_minimum_scale(op, per_token):
+    fn = getattr(moe_kernels, op)
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    if per_token:
+        x[1] = torch.randn(64).bfloat16()  # one non-zero row among zero rows
+    q, scale = fn(x, None, per_token)
+    assert not q.float().isnan().any()
+    if per_token:
+        for r in (0, 2, 3):
+            assert scale[r].item() == pytest.approx(MIN_SCALE, rel=1e-7) and (q[r].float() == 0).all()
+        assert scale[1].item() > MIN_SCALE
+    else:
+        assert scale.item() == pytest.approx(MIN_SCALE, rel=1e-7) and (q.float() == 0).all()
+
+
+def test_tiny_rows_use_the_scale_floor():
+    x = torch.randn(3, 128) * 1e-4  # amax / 448 < 1 / (448 * 512)
+    q, scale = moe_kernels.scaled_fp8_quant(x, None, True)
+    assert torch.equal(scale, torch.full((3, 1), MIN_SCALE, dtype=torch.float32))
+    assert_same_bytes(q, formula_quant(x, scale))
+
+
+@pytest.mark.parametrize("op", ["scaled_fp8_quant", "silu_and_mul_quant_fp8"])
+def test_static_scale_ignores_per_token(op):
+    fn = getattr(moe_kernels, op)
+    x = torch.randn(5, 32)
+    s = torch.tensor([0.01])
+    q1, s1 = fn(x, s, True)
+    q2, s2 = fn(x, s, False)
+    assert s1.shape == (1,) and torch.equal(s1, s)
+    assert_same_bytes(q1, q2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_scale_is_returned_as_a_copy(device):
+    x = torch.randn(5, 32, device=device)
+    for s in (torch.tensor([0.02], device=device), torch.tensor(0.02, device=device)):  # [1] or a scalar
+        q, out = moe_kernels.scaled_fp8_quant(x, s)
+        assert out.shape == (1,) and out.item() == s.item()
+        assert out.data_ptr() != s.data_ptr()  # an op output must not alias an input
+
+
+# ---------------------------------------------------------------- opcheck (fake kernels, schemas)
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["scaled_fp8_quant", "silu_and_mul_quant_fp8"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("M", [0, 9])
+def test_opcheck(device, op, mode, M):
+    x = random_input(M, 24, torch.bfloat16, device)
+    scale = torch.tensor([0.05], device=device)
+    args = (x, scale, False) if mode == "static" else (x, None, mode == "per_token")
+    opcheck(getattr(torch.ops.moe_kernels, op).default, args)
+
+
+def test_torch_compile_traces_ops():
+    def act(x, h):
+        q, s = moe_kernels.scaled_fp8_quant(x, None, True)
+        q2, s2 = moe_kernels.silu_and_mul_quant_fp8(h, None, False)
+        return q.float() * s, q2.float() * s2
+
+    x, h = torch.randn(6, 32), torch.randn(6, 64)
+    compiled = torch.compile(act, backend="eager", fullgraph=True)
+    for g, w in zip(compiled(x, h), act(x, h)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+BAD = [
+    (dict(x=torch.zeros(8)), "x must be 2-D"),
+    (dict(x=torch.zeros(4, 8, dtype=torch.int32)), "x must be bfloat16, float16 or float32, got Int"),
+    (dict(x=torch.zeros(4, 8).to(FP8)), "x must be bfloat16, float16 or float32, got Float8_e4m3fn"),
+    (dict(x=torch.zeros(8, 4).t()), "x must be contiguous"),
+    (dict(scale=torch.ones(1, dtype=torch.float64)), "scale must be float32, got Double"),
+    (dict(scale=torch.ones(2)), r"scale must have shape \[1\] \(a static per-tensor scale\), got shape \[2\]"),
+    (dict(scale=torch.ones(4, 1)), r"scale must have shape \[1\]"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["scaled_fp8_quant", "silu_and_mul_quant_fp8"])
+@pytest.mark.parametrize("override,message", BAD)
+def test_rejects_bad_arguments(device, op, override, message):
+    args = dict(x=torch.zeros(4, 8), scale=None, per_token=False)
+    args.update(override)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(RuntimeError, match=f"{op}: {message}"):
+        getattr(moe_kernels, op)(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_and_mul_rejects_odd_columns(device):
+    with pytest.raises(RuntimeError, match=r"silu_and_mul_quant_fp8: x must have an even number of columns .* got 7"):
+        moe_kernels.silu_and_mul_quant_fp8(torch.zeros(4, 7, device=device))
+    with pytest.raises(RuntimeError, match=r"silu_and_mul_quant_fp8: x must be 2-D \[M, 2I\]"):
+        moe_kernels.silu_and_mul_quant_fp8(torch.zeros(4, device=device))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["scaled_fp8_quant", "silu_and_mul_quant_fp8"])
+def test_rejects_scale_on_another_device(op):
+    fn = getattr(moe_kernels, op)
+    with pytest.raises(RuntimeError, match=f"{op}: scale must be on cuda:0 \\(as x\\), got cpu"):
+        fn(torch.zeros(4, 8, device="cuda"), torch.ones(1))
+    with pytest.raises(RuntimeError, match=f"{op}: scale must be on cpu \\(as x\\), got cuda:0"):
+        fn(torch.zeros(4, 8), torch.ones(1, device="cuda"))
+
+
+# ---------------------------------------------------------------- CUDA against the CPU reference
+
+def cpu_quant_with_scale(op, x, scale):
+    """The CPU reference's q for the given (GPU-computed) scale: the dynamic scale of the GPU may
+    differ from the CPU's in its last bit (it should not, but a tolerance is allowed on it), and
+    q is then compared byte for byte under the same scale, without double-rounding flakiness."""
+    fn = getattr(moe_kernels, op)
+    x, scale = x.cpu(), scale.cpu()
+    if scale.shape == (1,):
+        return fn(x, scale)[0]
+    rows = [fn(x[r:r + 1], scale[r].reshape(1))[0] for r in range(x.shape[0])]  # per token
+    return torch.cat(rows) if rows else fn(x, torch.ones(1))[0]
+
+
+def check_cuda_matches_cpu(op, x, mode, poison=0xFF):
+    fn = getattr(moe_kernels, op)
+    y = formula_silu_and_mul(x) if op == "silu_and_mul_quant_fp8" else x.float()
+    given = static_scale_for(y)
+    want_q, want_scale = run_op(fn, x, mode, given)
+    poison_cuda_allocator(poison)
+    q, scale = run_op(fn, x.cuda(), mode, given.cuda())
+    torch.cuda.synchronize()
+    assert q.device.type == "cuda" and scale.device.type == "cuda"
+    assert q.shape == want_q.shape and scale.shape == want_scale.shape
+    if mode == "static":
+        assert torch.equal(scale.cpu(), given)
+    else:
+        # Same operations on both sides (exact max, IEEE division): equal in practice.
+        torch.testing.assert_close(scale.cpu(), want_scale, rtol=1e-6, atol=0)
+    assert_same_bytes(q, cpu_quant_with_scale(op, x, scale))
+    assert not q.cpu().float().isnan().any()  # finite inputs: an unwritten (poisoned) byte is NaN
+
+
+CUDA_SHAPES = [(0, 64), (1, 4096), (7, 2056), (1000, 2056), (7, 7), (1000, 7), (33, 2), (9, 12), (5, 0),
+               (64, 7168), (3, 10240), (5, 12288), (2, 16384), (1000, 1)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K", CUDA_SHAPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_scaled_fp8_quant_cuda_matches_cpu(dtype, M, K, mode):
+    check_cuda_matches_cpu("scaled_fp8_quant", random_input(M, K, dtype), mode)
+
+
+CUDA_SILU_SHAPES = [(0, 64), (1, 2048), (7, 1028), (1000, 2056), (7, 7), (1000, 3), (33, 2), (9, 12), (5, 0),
+                    (64, 1536), (3, 10240), (5, 12288), (2, 14336), (1000, 1)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,I", CUDA_SILU_SHAPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_silu_and_mul_quant_cuda_matches_cpu(dtype, M, I, mode):
+    check_cuda_matches_cpu("silu_and_mul_quant_fp8", random_input(M, 2 * I, dtype), mode)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["scaled_fp8_quant", "silu_and_mul_quant_fp8"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("poison", [0xFF, 0x00])
+def test_cuda_matches_cpu_on_misaligned_rows(op, mode, poison):
+    # A view with a storage offset of one element: 16-byte loads are impossible, narrower ones used.
+    M, K = 37, 1024
+    base = torch.randn(M * K + 1).bfloat16()
+    check_cuda_matches_cpu(op, base[1:].view(M, K), mode, poison)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["scaled_fp8_quant", "silu_and_mul_quant_fp8"])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_special_values(op, mode):
+    # All-zero rows (minimum scale), saturation (static), gates far in both tails of silu.
+    x = random_input(64, 512, torch.bfloat16)
+    x[3] = 0
+    x[10:20] = 0
+    x[40, :10] = torch.tensor([-100.0, 100.0, -88.5, 88.5, -80.5, 80.5, 1e4, -1e4, 79.5, -79.5]).bfloat16()
+    check_cuda_matches_cpu(op, x, mode)
+    q, scale = run_op(getattr(moe_kernels, op), x.cuda(), mode, torch.tensor([1e-3], device="cuda"))
+    if mode == "per_token":
+        assert torch.equal(scale[3].cpu(), torch.tensor([MIN_SCALE])) and (q[3].float() == 0).all()
+
+
+@pytest.mark.cuda
+def test_cuda_all_zero_tensor_dynamic_per_tensor():
+    for op in ("scaled_fp8_quant", "silu_and_mul_quant_fp8"):
+        q, scale = getattr(moe_kernels, op)(torch.zeros(100, 256, device="cuda", dtype=torch.float16))
+        assert scale.item() == pytest.approx(MIN_SCALE, rel=1e-7)
+        assert (q.float() == 0).all()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_replay():
+    x = torch.randn(300, 2056, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(300, 2 * 1536, device="cuda", dtype=torch.bfloat16)
+    static = torch.tensor([0.01], device="cuda")
+
+    def run():
+        outs = []
+        for mode in MODES:
+            outs += run_op(moe_kernels.scaled_fp8_quant, x, mode, static)
+            outs += run_op(moe_kernels.silu_and_mul_quant_fp8, h, mode, static)
+        return outs
+
+    run()  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(2):  # new inputs, copied into the captured buffers
+        x.copy_(torch.randn_like(x) * 3)
+        h.copy_(torch.randn_like(h))
+        static.fill_(torch.rand(()).item() * 0.02 + 1e-3)
+        graph.replay()
+        for got, want in zip(captured, run()):
+            if got.dtype == FP8:
+                assert_same_bytes(got, want)
+            else:
+                assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+def test_ops_run_on_the_current_stream():
+    x = torch.randn(500, 4096, device="cuda")
+    x_new = torch.randn(500, 4096, device="cuda") * 5
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # An op launched on any other stream would run before this copy and read the old x.
+        torch.cuda._sleep(50_000_000)
+        x.copy_(x_new)
+        q, scale = moe_kernels.scaled_fp8_quant(x, None, False)
+        q2, scale2 = moe_kernels.silu_and_mul_quant_fp8(x, None, True)
+    side.synchronize()
+    want_q, want_scale = moe_kernels.scaled_fp8_quant(x_new.cpu(), None, False)
+    assert torch.equal(scale.cpu(), want_scale)
+    assert_same_bytes(q, want_q)
+    want_q2, want_scale2 = moe_kernels.silu_and_mul_quant_fp8(x_new.cpu(), None, True)
+    assert torch.equal(scale2.cpu(), want_scale2)
+    assert_same_bytes(q2, want_q2)
