@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 
+#include "common/limits.h"
+
 namespace moe_kernels {
 
 constexpr int kSortBatch = 8;       // rounds of 32 ids loaded before any is used
@@ -126,42 +128,42 @@ __global__ void __launch_bounds__(kWarps * 32) sort_place_kernel(SortParams p) {
   count_block_chunk<IdT, kWarps>(p, warp_counts, begin, end);
   const int E = p.num_local_experts;
 
-  // Each thread owns a run of consecutive experts: their sizes over all blocks (for the scan that
-  // places the experts) and the rows that earlier blocks take in each of them.
-  const int per_thread = (E + kThreads - 1) / kThreads;
-  const int e0 = min(E, static_cast<int>(threadIdx.x) * per_thread);
-  const int e1 = min(E, e0 + per_thread);
-  auto total_of = [&](int e, int64_t& before) {
-    if (p.block_counts == nullptr) {
-      int64_t total = 0;
-      for (int w = 0; w < kWarps; ++w) total += warp_counts[w * E + e];
-      before = 0;
-      return total;
-    }
-    int64_t total = 0;
-    before = 0;
-    for (int b = 0; b < static_cast<int>(gridDim.x); ++b) {
-      const int32_t n = p.block_counts[b * E + e];
-      if (b < static_cast<int>(blockIdx.x)) before += n;
-      total += n;
-    }
-    return total;
-  };
-  auto aligned = [&](int64_t n) { return p.align > 0 ? (n + p.align - 1) / p.align * p.align : n; };
-
+  // Each thread owns a run of at most kPerThread consecutive experts: their sizes over all blocks
+  // (for the scan that places the experts) and the rows that earlier blocks take in each. The
+  // per-block counts are read once, unrolled, so the loads overlap instead of queueing.
+  constexpr int kPerThread = (kMaxSortExperts + kThreads - 1) / kThreads;
+  const int e0 = static_cast<int>(threadIdx.x) * kPerThread;
+  int64_t total[kPerThread];
+  int64_t before[kPerThread];
   int64_t my_rows = 0;
-  for (int e = e0; e < e1; ++e) {
-    int64_t before;
-    my_rows += aligned(total_of(e, before));
+  auto aligned = [&](int64_t n) { return p.align > 0 ? (n + p.align - 1) / p.align * p.align : n; };
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int e = e0 + j;
+    total[j] = 0;
+    before[j] = 0;
+    if (e >= E) continue;
+    if (p.block_counts == nullptr) {
+      for (int w = 0; w < kWarps; ++w) total[j] += warp_counts[w * E + e];
+    } else {
+#pragma unroll 8
+      for (int b = 0; b < static_cast<int>(gridDim.x); ++b) {
+        const int32_t n = p.block_counts[b * E + e];
+        before[j] += b < static_cast<int>(blockIdx.x) ? n : 0;
+        total[j] += n;
+      }
+    }
+    my_rows += aligned(total[j]);
   }
   int64_t start = 0;
   int64_t used = 0;
   BlockScan(scan_storage).ExclusiveSum(my_rows, start, used);
 
-  for (int e = e0; e < e1; ++e) {
-    int64_t before;
-    const int64_t total = total_of(e, before);
-    int64_t row = start + before;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int e = e0 + j;
+    if (e >= E) continue;
+    int64_t row = start + before[j];
     for (int w = 0; w < kWarps; ++w) {  // counts -> first row of each warp's share
       const int32_t n = warp_counts[w * E + e];
       warp_counts[w * E + e] = static_cast<int32_t>(row);
@@ -169,9 +171,9 @@ __global__ void __launch_bounds__(kWarps * 32) sort_place_kernel(SortParams p) {
     }
     if (blockIdx.x == 0) {
       p.expert_offsets[e] = start;
-      for (int64_t r = start + total; r < start + aligned(total); ++r) p.permuted_idx[r] = -1;  // padding
+      for (int64_t r = start + total[j]; r < start + aligned(total[j]); ++r) p.permuted_idx[r] = -1;  // padding
     }
-    start += aligned(total);
+    start += aligned(total[j]);
   }
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) p.expert_offsets[E] = used;
