@@ -1,4 +1,6 @@
 // Launcher of the routing-metadata sort (see sort_tokens.cuh).
+#include <algorithm>
+
 #include "common/cuda_utils.cuh"
 #include "permute/launchers.h"
 #include "permute/sort_tokens.cuh"
@@ -39,15 +41,15 @@ cudaError_t launch_for_ids(const SortParams& p, int blocks, void* workspace, cud
 }  // namespace
 
 int64_t sort_tokens_workspace_ints(int64_t num_choices, int num_local_experts) {
-  const int64_t blocks = num_choices <= kSmallSort ? 1 : ceil_div(num_choices, kSortChunk);
+  const int64_t blocks = ceil_div(num_choices, kSortChunk);
   return blocks > 1 ? blocks * num_local_experts : 0;
 }
 
 cudaError_t launch_sort_tokens(const SortTokensArgs& a, void* workspace, cudaStream_t stream) {
   const int64_t choices = a.num_tokens * a.topk;
-  const int64_t blocks = choices <= kSmallSort ? 1 : ceil_div(choices, kSortChunk);
+  const int64_t blocks = choices == 0 ? 1 : ceil_div(choices, kSortChunk);
   SortParams p{a.topk_ids,  a.expert_map, choices,           a.num_experts,      a.num_local_experts,
-               a.align_block_size, a.num_rows, blocks > 1 ? kSortChunk : (choices > 0 ? choices : 1),
+               a.align_block_size, a.num_rows, blocks > 1 ? kSortChunk : std::max<int64_t>(choices, 1),
                nullptr,     a.expert_offsets, a.inv_permuted_idx, a.permuted_idx};
   const int grid = static_cast<int>(blocks);
   return a.ids_int64 ? launch_for_ids<int64_t>(p, grid, workspace, stream)
