@@ -31,3 +31,24 @@ inline int pick_vec_bytes(int64_t row_bytes, const void* const* ptrs, int num_pt
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace moe_kernels
+
+namespace moe_kernels {
+
+// Programmatic dependent launch (sm_90): a kernel launched with the programmatic-serialization
+// attribute may start while the previous kernel on the stream is still running; it must wait at
+// wait_for_prerequisite_grid() before reading that kernel's outputs. The previous kernel calls
+// allow_dependent_grid() once the dependent may be scheduled. This hides a launch latency
+// between back-to-back small kernels (the sort and the row scatter of moe_permute).
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+}  // namespace moe_kernels

@@ -18,7 +18,18 @@ cudaError_t launch_with_width(const PermuteRowsArgs& a, cudaStream_t stream) {
     const int64_t slices = ceil_div(a.row_bytes / kVecBytes, kPermuteThreads);
     const dim3 blocks(static_cast<unsigned>(std::min(a.num_tokens, std::max<int64_t>(1, kMaxPermuteBlocks / slices))),
                       static_cast<unsigned>(slices));
-    permute_rows_kernel<kVecBytes><<<blocks, kPermuteThreads, 0, stream>>>(p);
+    // A programmatic dependent of the sort kernel just queued on this stream (see cuda_utils.cuh).
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = blocks;
+    config.blockDim = dim3(kPermuteThreads);
+    config.stream = stream;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    cudaError_t err = cudaLaunchKernelEx(&config, permute_rows_kernel<kVecBytes>, p);
+    if (err != cudaSuccess) return err;
   }
   if (a.zero_padding_rows && a.num_rows > 0 && a.row_bytes > 0) {
     const int blocks = static_cast<int>(std::min(a.num_rows, kMaxPermuteBlocks));

@@ -32,6 +32,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(PermuteRo
   __shared__ int32_t rows[kMaxTopK];
   const int64_t vecs_per_row = p.row_bytes / kVecBytes;
   const int64_t v = static_cast<int64_t>(blockIdx.y) * kPermuteThreads + threadIdx.x;
+  wait_for_prerequisite_grid();  // launched as a dependent of the sort: its rows must be final
   for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     if (threadIdx.x < p.topk) {
       const int32_t r = p.inv_permuted_idx[t * p.topk + threadIdx.x];

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 
+#include "common/cuda_utils.cuh"
 #include "common/limits.h"
 
 namespace moe_kernels {
@@ -125,6 +126,7 @@ __global__ void __launch_bounds__(kWarps * 32) sort_place_kernel(SortParams p) {
   __shared__ typename BlockScan::TempStorage scan_storage;
   extern __shared__ int32_t warp_counts[];  // [kWarps][E]: counts, then each warp's next row
 
+  allow_dependent_grid();  // the row scatter may launch now; it waits for this grid's results
   int64_t begin, end;
   count_block_chunk<IdT, kWarps>(p, warp_counts, begin, end);
   const int E = p.num_local_experts;
