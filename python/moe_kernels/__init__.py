@@ -16,6 +16,7 @@ from .ops.permute import (  # noqa: E402
     moe_sort_tokens,
     moe_unpermute,
 )
+from . import modular  # noqa: E402
 from .ops.quant import (  # noqa: E402
     scaled_fp8_quant,
     silu_and_mul_quant_fp8,

@@ -1,0 +1,24 @@
+"""The modular MoE layer: Router -> PrepareFinalize (dispatch ... combine) -> Experts.
+
+Any Experts works with any PrepareFinalize: the layer only passes tensors between them.
+
+    layer = MoELayer(router, SingleGpu(), TorchExperts(w1, w2))
+    out = layer(hidden_states, router_logits)
+"""
+
+from .experts import Experts, TorchExperts
+from .layer import MoELayer
+from .prepare_finalize import AllToAll, Dispatched, PrepareFinalize, SingleGpu
+from .router import FusedGateRouter, Router
+
+__all__ = [
+    "AllToAll",
+    "Dispatched",
+    "Experts",
+    "FusedGateRouter",
+    "MoELayer",
+    "PrepareFinalize",
+    "Router",
+    "SingleGpu",
+    "TorchExperts",
+]
