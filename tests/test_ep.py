@@ -444,6 +444,7 @@ def test_pre_reorder_cuda_writes_only_local_rows():
     ids = random_topk_ids(T, K, E, device="cuda")
     src2dst, _, _ = make_src2dst(ids, E, start, end, "global")
     x = random_rows(T, H, torch.bfloat16, "cuda")
+    torch.cuda.empty_cache()  # no unpoisoned cached block left for the output to come from
     poison_cuda_allocator(0x55)
     out = moe_kernels.ep_pre_reorder(x, src2dst, ids, start, end)
     written = written_rows(src2dst, ids, start, end)

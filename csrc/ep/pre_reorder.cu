@@ -8,8 +8,11 @@
 namespace moe_kernels {
 namespace {
 
-// Enough blocks to fill the GPU several times over; each loops over its share of tokens.
-constexpr int64_t kMaxPreReorderBlocks = 132 * 32;
+// Up to four waves of blocks at full occupancy (16 blocks of 128 threads per SM, 132 SMs); each
+// loops over its share of tokens. More resident threads than moe_permute's row scatter: a rank
+// stores about one row per row it loads (K/ranks local choices per token, vs K for moe_permute), so
+// the kernel is bound by load latency and needs every load in flight that the SMs can hold.
+constexpr int64_t kMaxPreReorderBlocks = 132 * 16 * 4;
 
 template <typename Mover>
 cudaError_t launch_mover(const PreReorderArgs& a, Mover mover, int64_t vecs_per_row, int64_t dst_row_bytes,
