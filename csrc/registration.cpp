@@ -15,4 +15,10 @@ TORCH_LIBRARY(moe_kernels, m) {
   // quant/
   m.def("scaled_fp8_quant(Tensor x, Tensor? scale=None, bool per_token=False) -> (Tensor q, Tensor scale)");
   m.def("silu_and_mul_quant_fp8(Tensor x, Tensor? scale=None, bool per_token=False) -> (Tensor q, Tensor scale)");
+
+  // ep/
+  m.def("ep_pre_reorder(Tensor hidden_states, Tensor src2dst, Tensor topk_ids, int start_expert_id, "
+        "int end_expert_id, Tensor? scale=None, ScalarType? out_dtype=None) -> Tensor");
+  m.def("ep_post_reorder(Tensor down_output, Tensor src2dst, Tensor topk_ids, Tensor topk_weights, "
+        "int start_expert_id, int end_expert_id) -> Tensor");
 }

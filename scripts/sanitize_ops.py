@@ -39,8 +39,35 @@ def run_quant():
             moe_kernels.silu_and_mul_quant_fp8(x, scale, per_token)
 
 
+def run_ep():
+    # Vector widths 16/8/2/1 (H = 2056, 12, 7), both id types, a single-expert range, T = 0, and
+    # bad rows/ids (skipped without any access out of bounds).
+    for T, K, E, start, end, H, dtype in [(300, 8, 64, 16, 31, 2056, torch.bfloat16),
+                                          (7, 2, 8, 3, 3, 12, torch.float32),
+                                          (33, 4, 16, 0, 7, 7, torch.float16),
+                                          (50, 8, 256, 0, 31, 2056, torch.float8_e4m3fn),
+                                          (0, 4, 8, 0, 7, 64, torch.bfloat16)]:
+        x = torch.randn(T, H, device="cuda").to(dtype)
+        ids = torch.rand(T, E, device="cuda").argsort(1)[:, :K].contiguous()
+        for id_dtype in (torch.int32, torch.int64):
+            ids = ids.to(id_dtype)
+            _, src2dst, _ = moe_kernels.moe_sort_tokens(ids, E)
+            rows = moe_kernels.ep_pre_reorder(x, src2dst, ids, start, end)
+            if dtype == torch.float8_e4m3fn:
+                continue
+            for scale in (torch.tensor([0.02], device="cuda"), torch.rand(T, device="cuda") + 0.01):
+                moe_kernels.ep_pre_reorder(x, src2dst, ids, start, end, scale, torch.float8_e4m3fn)
+            moe_kernels.ep_post_reorder(rows, src2dst, ids, torch.rand(T, K, device="cuda"), start, end)
+    ids = torch.tensor([[0, -1], [99, 3], [2, 7]], device="cuda")
+    src2dst = torch.tensor([[1, 0], [2, -5], [6, 1 << 30]], dtype=torch.int32, device="cuda")
+    x = torch.randn(3, 8, device="cuda")
+    moe_kernels.ep_pre_reorder(x, src2dst, ids, 0, 7)
+    moe_kernels.ep_post_reorder(torch.randn(6, 8, device="cuda"), src2dst, ids, torch.ones(3, 2, device="cuda"), 0, 7)
+
+
 if __name__ == "__main__":
     run_permute()
     run_quant()
+    run_ep()
     torch.cuda.synchronize()
     print("sanitize_ops: done")

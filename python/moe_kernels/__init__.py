@@ -10,6 +10,10 @@ from . import _library
 
 _library.load()
 
+from .ops.ep import (  # noqa: E402
+    ep_post_reorder,
+    ep_pre_reorder,
+)
 from .ops.permute import (  # noqa: E402
     compute_problem_sizes,
     moe_permute,
@@ -29,6 +33,8 @@ include_path = str(Path(__file__).resolve().parent / "include")
 
 __all__ = [
     "compute_problem_sizes",
+    "ep_post_reorder",
+    "ep_pre_reorder",
     "moe_permute",
     "moe_sort_tokens",
     "moe_unpermute",
