@@ -21,4 +21,9 @@ TORCH_LIBRARY(moe_kernels, m) {
         "int end_expert_id, Tensor? scale=None, ScalarType? out_dtype=None) -> Tensor");
   m.def("ep_post_reorder(Tensor down_output, Tensor src2dst, Tensor topk_ids, Tensor topk_weights, "
         "int start_expert_id, int end_expert_id) -> Tensor");
+  // routing/
+  m.def("moe_fused_gate(Tensor scores, Tensor? bias, int num_expert_group, int topk_group, int topk, "
+        "str scoring_func=\"sigmoid\", bool renormalize=True, int num_fused_shared_experts=0, "
+        "float routed_scaling_factor=1.0, bool apply_routed_scaling_factor_on_output=False) "
+        "-> (Tensor topk_weights, Tensor topk_ids)");
 }

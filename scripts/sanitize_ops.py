@@ -65,9 +65,21 @@ def run_ep():
     moe_kernels.ep_post_reorder(torch.randn(6, 8, device="cuda"), src2dst, ids, torch.ones(3, 2, device="cuda"), 0, 7)
 
 
+def run_routing():
+    # Grouped (with and without bias) and plain top-k, every scores dtype, fused shared slots, T = 0.
+    for T, E, G, tg, k, scoring, with_bias, dtype in [(300, 256, 8, 4, 8, "sigmoid", True, torch.bfloat16),
+                                                      (5, 160, 8, 3, 6, "softmax", False, torch.float32),
+                                                      (33, 384, 1, 1, 8, "sigmoid", True, torch.float16),
+                                                      (0, 8, 1, 1, 2, "softmax", False, torch.float32)]:
+        scores = torch.randn(T, E, device="cuda").to(dtype)
+        bias = torch.randn(E, device="cuda") if with_bias else None
+        moe_kernels.moe_fused_gate(scores, bias, G, tg, k, scoring, True, 1, 2.5, False)
+
+
 if __name__ == "__main__":
     run_permute()
     run_quant()
     run_ep()
+    run_routing()
     torch.cuda.synchronize()
     print("sanitize_ops: done")

@@ -1,0 +1,179 @@
+// DeepSeek-style grouped top-k routing, one warp per token.
+//
+// s = sigmoid(scores) or softmax(scores); choice = s + bias (or s). Each group of E/G experts is
+// scored by the sum of its two best choices (with a bias, DeepSeek-V3) or by its best choice
+// (without, DeepSeek-V2); the topk_group best groups are kept and the topk best choices among
+// their experts are taken. The weights are s (not choice) of those experts, optionally
+// renormalized, times output_scale; num_shared fused shared-expert slots follow.
+//
+// The token's s and choice values live in shared memory (E <= kMaxGateExperts); every selection is
+// an argmax over (value, index) with the lower index winning ties, so the result is deterministic
+// and matches the CPU reference exactly on inputs without near-ties.
+#pragma once
+
+#include <cstdint>
+#include <math_constants.h>
+
+#include "common/float_convert.cuh"
+
+namespace moe_kernels {
+
+constexpr int kGateWarps = 4;  // tokens per block
+
+template <typename T, typename B>
+struct FusedGateParams {
+  const T* scores;
+  const B* bias;  // nullptr: no bias
+  int64_t num_tokens;
+  int num_experts;
+  int num_groups;
+  int topk_group;
+  int topk;
+  bool softmax;
+  bool renormalize;
+  int num_shared;
+  float shared_weight;
+  float output_scale;
+  float* topk_weights;
+  int32_t* topk_ids;
+};
+
+// (value, index) argmax across the warp: larger value wins, then lower index.
+__device__ __forceinline__ void warp_argmax(float& value, int& index) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float v = __shfl_xor_sync(0xffffffffu, value, offset);
+    const int i = __shfl_xor_sync(0xffffffffu, index, offset);
+    if (v > value || (v == value && i < index)) {
+      value = v;
+      index = i;
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+template <typename T, typename B>
+__global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGateParams<T, B> p) {
+  extern __shared__ float gate_smem[];  // per warp: s[E], choice[E], group_score[G]
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int E = p.num_experts;
+  const int G = p.num_groups;
+  const int group_size = E / G;
+  float* s = gate_smem + warp * (2 * E + G);
+  float* choice = s + E;
+  float* group_score = choice + E;
+  const float kNegInf = -CUDART_INF_F;
+
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
+  if (t >= p.num_tokens) return;  // warp-uniform: no block-wide barriers below
+  const T* row = p.scores + t * E;
+
+  // Scores -> s. Softmax uses the max for range; the sum is a fixed butterfly (deterministic).
+  float row_max = kNegInf;
+  for (int e = lane; e < E; e += 32) {
+    const float x = to_float(row[e]);
+    s[e] = x;
+    row_max = fmaxf(row_max, x);
+  }
+  if (p.softmax) {
+    row_max = warp_max(row_max);
+    float sum = 0.f;
+    for (int e = lane; e < E; e += 32) {
+      const float x = expf(s[e] - row_max);
+      s[e] = x;
+      sum += x;
+    }
+    const float inv_sum = 1.f / warp_sum(sum);
+    for (int e = lane; e < E; e += 32) s[e] *= inv_sum;
+  } else {
+    for (int e = lane; e < E; e += 32) s[e] = 1.f / (1.f + expf(-s[e]));
+  }
+  for (int e = lane; e < E; e += 32) choice[e] = p.bias ? s[e] + to_float(p.bias[e]) : s[e];
+  __syncwarp();
+
+  // Group selection (skipped when every group is kept): each lane scores whole groups.
+  if (p.topk_group < G) {
+    for (int g = lane; g < G; g += 32) {
+      float best = kNegInf, second = kNegInf;
+      for (int j = 0; j < group_size; ++j) {
+        const float c = choice[g * group_size + j];
+        if (c > best) {
+          second = best;
+          best = c;
+        } else if (c > second) {
+          second = c;
+        }
+      }
+      group_score[g] = p.bias ? best + second : best;
+    }
+    __syncwarp();
+    // Take the topk_group best groups; mark them by flipping their score to +inf-like "kept".
+    for (int round = 0; round < p.topk_group; ++round) {
+      float v = kNegInf;
+      int g_best = G;
+      for (int g = lane; g < G; g += 32) {
+        const float x = group_score[g];
+        if (x > v || (x == v && g < g_best)) {
+          v = x;
+          g_best = g;
+        }
+      }
+      warp_argmax(v, g_best);
+      if (lane == 0 && g_best < G) group_score[g_best] = CUDART_NAN_F;  // NaN marks "kept"
+      __syncwarp();
+    }
+    for (int e = lane; e < E; e += 32) {
+      if (!isnan(group_score[e / group_size])) choice[e] = kNegInf;  // expert of a dropped group
+    }
+    __syncwarp();
+  }
+
+  // Top-k experts by choice; weights from s.
+  const int width = p.topk + p.num_shared;
+  float* out_w = p.topk_weights + t * width;
+  int32_t* out_id = p.topk_ids + t * width;
+  float weight_sum = 0.f;
+  for (int k = 0; k < p.topk; ++k) {
+    float v = kNegInf;
+    int e_best = E;
+    for (int e = lane; e < E; e += 32) {
+      const float x = choice[e];
+      if (x > v || (x == v && e < e_best)) {
+        v = x;
+        e_best = e;
+      }
+    }
+    warp_argmax(v, e_best);
+    // e_best < E always: the checks guarantee topk <= experts in the kept groups, and a choice of
+    // -inf still has its index (NaN scores compare false and keep the lowest index).
+    if (e_best >= E) e_best = 0;
+    const float w = s[e_best];
+    weight_sum += w;
+    if (lane == 0) {
+      out_id[k] = e_best;
+      choice[e_best] = kNegInf;
+      out_w[k] = w;  // rescaled below
+    }
+    __syncwarp();
+  }
+  const float scale = (p.renormalize ? 1.f / weight_sum : 1.f) * p.output_scale;
+  for (int k = lane; k < p.topk; k += 32) out_w[k] = out_w[k] * scale;
+  for (int j = lane; j < p.num_shared; j += 32) {
+    out_id[p.topk + j] = E + j;
+    out_w[p.topk + j] = p.shared_weight;
+  }
+}
+
+}  // namespace moe_kernels

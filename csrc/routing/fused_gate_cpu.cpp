@@ -1,0 +1,104 @@
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "routing/checks.h"
+#include "routing/cpu_reference.h"
+
+namespace moe_kernels::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Index of the largest value among those allowed; ties go to the lower index.
+int argmax(const std::vector<float>& v, const std::vector<bool>& allowed) {
+  int best = -1;
+  for (int i = 0; i < static_cast<int>(v.size()); ++i) {
+    if (!allowed[i]) continue;
+    if (best < 0 || v[i] > v[best]) best = i;
+  }
+  return best;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> moe_fused_gate(const at::Tensor& scores, const std::optional<at::Tensor>& bias,
+                                                  int64_t num_expert_group, int64_t topk_group, int64_t topk,
+                                                  c10::string_view scoring_func, bool renormalize,
+                                                  int64_t num_fused_shared_experts, double routed_scaling_factor,
+                                                  bool apply_routed_scaling_factor_on_output) {
+  const GateConfig cfg =
+      check_fused_gate_args(scores, bias, num_expert_group, topk_group, topk, scoring_func, num_fused_shared_experts,
+                            routed_scaling_factor, apply_routed_scaling_factor_on_output);
+  const int64_t T = scores.size(0);
+  const int E = static_cast<int>(scores.size(1));
+  const int G = static_cast<int>(num_expert_group);
+  const int group_size = E / G;
+  const int64_t width = topk + num_fused_shared_experts;
+  const at::Tensor x = scores.to(at::kFloat);
+  const at::Tensor b = bias ? bias->to(at::kFloat) : at::Tensor();
+  auto weights = at::empty({T, width}, scores.options().dtype(at::kFloat));
+  auto ids = at::empty({T, width}, scores.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  const float* bp = bias ? b.data_ptr<float>() : nullptr;
+  float* wp = weights.data_ptr<float>();
+  int32_t* ip = ids.data_ptr<int32_t>();
+
+  std::vector<float> s(E), choice(E), group_score(G);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = xp + t * E;
+    if (cfg.softmax) {
+      float m = kNegInf;
+      for (int e = 0; e < E; ++e) m = std::fmax(m, row[e]);
+      float sum = 0.f;
+      for (int e = 0; e < E; ++e) sum += (s[e] = std::exp(row[e] - m));
+      for (int e = 0; e < E; ++e) s[e] *= 1.f / sum;
+    } else {
+      for (int e = 0; e < E; ++e) s[e] = 1.f / (1.f + std::exp(-row[e]));
+    }
+    for (int e = 0; e < E; ++e) choice[e] = bp ? s[e] + bp[e] : s[e];
+
+    // Groups: top-2 sum with a bias (DeepSeek-V3), max without (DeepSeek-V2); keep topk_group.
+    std::vector<bool> expert_allowed(E, true);
+    if (topk_group < G) {
+      for (int g = 0; g < G; ++g) {
+        float best = kNegInf, second = kNegInf;
+        for (int j = 0; j < group_size; ++j) {
+          const float c = choice[g * group_size + j];
+          if (c > best) {
+            second = best;
+            best = c;
+          } else if (c > second) {
+            second = c;
+          }
+        }
+        group_score[g] = bp ? best + second : best;
+      }
+      std::vector<bool> group_open(G, true), kept(G, false);
+      for (int r = 0; r < topk_group; ++r) {
+        const int g = argmax(group_score, group_open);
+        group_open[g] = false;
+        kept[g] = true;
+      }
+      for (int e = 0; e < E; ++e) expert_allowed[e] = kept[e / group_size];
+    }
+
+    float sum = 0.f;
+    for (int64_t k = 0; k < topk; ++k) {
+      const int e = argmax(choice, expert_allowed);
+      expert_allowed[e] = false;
+      ip[t * width + k] = e;
+      wp[t * width + k] = s[e];
+      sum += s[e];
+    }
+    const float scale = (renormalize ? 1.f / sum : 1.f) * cfg.output_scale;
+    for (int64_t k = 0; k < topk; ++k) wp[t * width + k] *= scale;
+    for (int64_t j = 0; j < num_fused_shared_experts; ++j) {
+      ip[t * width + topk + j] = static_cast<int32_t>(E + j);
+      wp[t * width + topk + j] = cfg.shared_weight;
+    }
+  }
+  return {weights, ids};
+}
+
+}  // namespace moe_kernels::cpu
