@@ -9,17 +9,12 @@
 // flip roundings to e4m3 and make the CUDA op impossible to compare byte for byte.
 #pragma once
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-#if defined(__CUDACC__)
-#define MOE_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MOE_HOST_DEVICE inline
-#endif
+#include "common/portable_math.h"
 
 namespace moe_kernels::fp8 {
+
+using namespace moe_kernels::pmath;  // fp8::mul_rn and friends: the portable IEEE operations
+
 
 // Largest finite float8_e4m3fn value: quantized values saturate to [-kE4M3Max, kE4M3Max].
 constexpr float kE4M3Max = 448.0f;
@@ -28,102 +23,6 @@ constexpr float kE4M3Max = 448.0f;
 // all-zero row (amax = 0 would give scale 0 and 0 * inf = NaN); any row with amax >= 1/512 is
 // unaffected. The same floor applies to the dynamic per-tensor scale.
 constexpr float kMinScale = 0x1.24924ap-18f;
-
-MOE_HOST_DEVICE float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-MOE_HOST_DEVICE float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-MOE_HOST_DEVICE float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-
-MOE_HOST_DEVICE float fma_rn(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-
-MOE_HOST_DEVICE float max_ignoring_nan(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return fmaxf(a, b);
-#else
-  return std::fmax(a, b);
-#endif
-}
-
-MOE_HOST_DEVICE float abs_f(float a) {
-#if defined(__CUDA_ARCH__)
-  return fabsf(a);
-#else
-  return std::fabs(a);
-#endif
-}
-
-MOE_HOST_DEVICE float round_half_even(float a) {
-#if defined(__CUDA_ARCH__)
-  return rintf(a);
-#else
-  return std::nearbyint(a);  // the default rounding mode: to nearest, ties to even
-#endif
-}
-
-// 2^n for n in [-126, 127], built from its bits (exact).
-MOE_HOST_DEVICE float exp2_int(int n) {
-  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
-
-// e^x within about 2 ulp: x = n*ln2 + r with |r| <= ln2/2, e^r by its Taylor polynomial of degree
-// 7 (truncation error below 1e-8 relative), times 2^n. Below -80 it returns 0 and above 88 +inf:
-// silu only adds it to 1 (where e^-80 is far below an ulp) or divides by it, and staying away
-// from subnormals keeps the result independent of flush-to-zero settings.
-MOE_HOST_DEVICE float exp_portable(float x) {
-  if (x < -80.0f) return 0.0f;
-  if (x > 88.0f) return INFINITY;
-  if (!(x == x)) return x;  // NaN
-  constexpr float kLog2e = 0x1.715476p+0f;
-  constexpr float kLn2Hi = 0x1.62e430p-1f;
-  constexpr float kLn2Lo = -0x1.05c610p-29f;
-  const float n = round_half_even(mul_rn(x, kLog2e));
-  float r = fma_rn(-n, kLn2Hi, x);
-  r = fma_rn(-n, kLn2Lo, r);
-  float p = 0x1.a01a02p-13f;       // 1/7!
-  p = fma_rn(p, r, 0x1.6c16c2p-10f);  // 1/6!
-  p = fma_rn(p, r, 0x1.111112p-7f);   // 1/5!
-  p = fma_rn(p, r, 0x1.555556p-5f);   // 1/4!
-  p = fma_rn(p, r, 0x1.555556p-3f);   // 1/3!
-  p = fma_rn(p, r, 0.5f);
-  p = fma_rn(p, r, 1.0f);
-  p = fma_rn(p, r, 1.0f);
-  return mul_rn(p, exp2_int(static_cast<int>(n)));
-}
-
-// silu(g) = g / (1 + e^-g).
-MOE_HOST_DEVICE float silu(float g) { return div_rn(g, add_rn(1.0f, exp_portable(-g))); }
 
 // silu(gate) * up, the activation of a gated MLP (vLLM's silu_and_mul).
 MOE_HOST_DEVICE float silu_and_mul(float gate, float up) { return mul_rn(silu(gate), up); }

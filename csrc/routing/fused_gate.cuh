@@ -7,14 +7,16 @@
 // renormalized, times output_scale; num_shared fused shared-expert slots follow.
 //
 // The token's s and choice values live in shared memory (E <= kMaxGateExperts); every selection is
-// an argmax over (value, index) with the lower index winning ties, so the result is deterministic
-// and matches the CPU reference exactly on inputs without near-ties.
+// an argmax over (value, index) with the lower index winning ties. All arithmetic goes through
+// common/portable_math.h (IEEE steps, a portable exp) and the softmax sum follows a fixed lane
+// order that the CPU reference reproduces, so ids and weights equal the reference bit for bit.
 #pragma once
 
 #include <cstdint>
 #include <math_constants.h>
 
 #include "common/float_convert.cuh"
+#include "common/portable_math.h"
 
 namespace moe_kernels {
 
@@ -51,9 +53,11 @@ __device__ __forceinline__ void warp_argmax(float& value, int& index) {
   }
 }
 
+// Butterfly sum: every lane ends with the same bits (each step adds the same two values, and
+// IEEE addition commutes). The CPU reference replays this order.
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  for (int offset = 16; offset > 0; offset /= 2) x = pmath::add_rn(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 
@@ -91,16 +95,16 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
     row_max = warp_max(row_max);
     float sum = 0.f;
     for (int e = lane; e < E; e += 32) {
-      const float x = expf(s[e] - row_max);
+      const float x = pmath::exp_portable(pmath::add_rn(s[e], -row_max));
       s[e] = x;
-      sum += x;
+      sum = pmath::add_rn(sum, x);
     }
-    const float inv_sum = 1.f / warp_sum(sum);
-    for (int e = lane; e < E; e += 32) s[e] *= inv_sum;
+    const float inv_sum = pmath::div_rn(1.f, warp_sum(sum));
+    for (int e = lane; e < E; e += 32) s[e] = pmath::mul_rn(s[e], inv_sum);
   } else {
-    for (int e = lane; e < E; e += 32) s[e] = 1.f / (1.f + expf(-s[e]));
+    for (int e = lane; e < E; e += 32) s[e] = pmath::sigmoid(s[e]);
   }
-  for (int e = lane; e < E; e += 32) choice[e] = p.bias ? s[e] + to_float(p.bias[e]) : s[e];
+  for (int e = lane; e < E; e += 32) choice[e] = p.bias ? pmath::add_rn(s[e], to_float(p.bias[e])) : s[e];
   __syncwarp();
 
   // Group selection (skipped when every group is kept): each lane scores whole groups.
@@ -116,7 +120,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
           second = c;
         }
       }
-      group_score[g] = p.bias ? best + second : best;
+      group_score[g] = p.bias ? pmath::add_rn(best, second) : best;
     }
     __syncwarp();
     // Take the topk_group best groups; mark them by flipping their score to +inf-like "kept".
@@ -160,7 +164,8 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
     // -inf still has its index (NaN scores compare false and keep the lowest index).
     if (e_best >= E) e_best = 0;
     const float w = s[e_best];
-    weight_sum += w;
+    weight_sum = pmath::add_rn(weight_sum, w);
+    __syncwarp();  // every lane has read choice[] before lane 0 retires the pick
     if (lane == 0) {
       out_id[k] = e_best;
       choice[e_best] = kNegInf;
@@ -168,8 +173,8 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
     }
     __syncwarp();
   }
-  const float scale = (p.renormalize ? 1.f / weight_sum : 1.f) * p.output_scale;
-  for (int k = lane; k < p.topk; k += 32) out_w[k] = out_w[k] * scale;
+  const float scale = pmath::mul_rn(p.renormalize ? pmath::div_rn(1.f, weight_sum) : 1.f, p.output_scale);
+  for (int k = lane; k < p.topk; k += 32) out_w[k] = pmath::mul_rn(out_w[k], scale);
   for (int j = lane; j < p.num_shared; j += 32) {
     out_id[p.topk + j] = E + j;
     out_w[p.topk + j] = p.shared_weight;

@@ -1,7 +1,9 @@
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "common/portable_math.h"
 #include "routing/checks.h"
 #include "routing/cpu_reference.h"
 
@@ -47,16 +49,27 @@ std::tuple<at::Tensor, at::Tensor> moe_fused_gate(const at::Tensor& scores, cons
   std::vector<float> s(E), choice(E), group_score(G);
   for (int64_t t = 0; t < T; ++t) {
     const float* row = xp + t * E;
+    // The kernel's arithmetic, step for step (common/portable_math.h; this file is compiled with
+    // -ffp-contract=off): softmax sums per lane over e = lane, lane+32, ..., then a butterfly.
     if (cfg.softmax) {
       float m = kNegInf;
       for (int e = 0; e < E; ++e) m = std::fmax(m, row[e]);
-      float sum = 0.f;
-      for (int e = 0; e < E; ++e) sum += (s[e] = std::exp(row[e] - m));
-      for (int e = 0; e < E; ++e) s[e] *= 1.f / sum;
+      float lane_sum[pmath::kWarpLanes] = {};
+      for (int e = 0; e < E; ++e) {
+        s[e] = pmath::exp_portable(pmath::add_rn(row[e], -m));
+        lane_sum[e % pmath::kWarpLanes] = pmath::add_rn(lane_sum[e % pmath::kWarpLanes], s[e]);
+      }
+      for (int offset = pmath::kWarpLanes / 2; offset > 0; offset /= 2) {
+        float next[pmath::kWarpLanes];
+        for (int j = 0; j < pmath::kWarpLanes; ++j) next[j] = pmath::add_rn(lane_sum[j], lane_sum[j ^ offset]);
+        std::copy(next, next + pmath::kWarpLanes, lane_sum);
+      }
+      const float inv_sum = pmath::div_rn(1.f, lane_sum[0]);
+      for (int e = 0; e < E; ++e) s[e] = pmath::mul_rn(s[e], inv_sum);
     } else {
-      for (int e = 0; e < E; ++e) s[e] = 1.f / (1.f + std::exp(-row[e]));
+      for (int e = 0; e < E; ++e) s[e] = pmath::sigmoid(row[e]);
     }
-    for (int e = 0; e < E; ++e) choice[e] = bp ? s[e] + bp[e] : s[e];
+    for (int e = 0; e < E; ++e) choice[e] = bp ? pmath::add_rn(s[e], bp[e]) : s[e];
 
     // Groups: top-2 sum with a bias (DeepSeek-V3), max without (DeepSeek-V2); keep topk_group.
     std::vector<bool> expert_allowed(E, true);
@@ -72,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> moe_fused_gate(const at::Tensor& scores, cons
             second = c;
           }
         }
-        group_score[g] = bp ? best + second : best;
+        group_score[g] = bp ? pmath::add_rn(best, second) : best;
       }
       std::vector<bool> group_open(G, true), kept(G, false);
       for (int r = 0; r < topk_group; ++r) {
@@ -89,10 +102,10 @@ std::tuple<at::Tensor, at::Tensor> moe_fused_gate(const at::Tensor& scores, cons
       expert_allowed[e] = false;
       ip[t * width + k] = e;
       wp[t * width + k] = s[e];
-      sum += s[e];
+      sum = pmath::add_rn(sum, s[e]);
     }
-    const float scale = (renormalize ? 1.f / sum : 1.f) * cfg.output_scale;
-    for (int64_t k = 0; k < topk; ++k) wp[t * width + k] *= scale;
+    const float scale = pmath::mul_rn(renormalize ? pmath::div_rn(1.f, sum) : 1.f, cfg.output_scale);
+    for (int64_t k = 0; k < topk; ++k) wp[t * width + k] = pmath::mul_rn(wp[t * width + k], scale);
     for (int64_t j = 0; j < num_fused_shared_experts; ++j) {
       ip[t * width + topk + j] = static_cast<int32_t>(E + j);
       wp[t * width + topk + j] = cfg.shared_weight;
