@@ -40,17 +40,20 @@ struct FusedGateParams {
   int32_t* topk_ids;
 };
 
-// (value, index) argmax across the warp: larger value wins, then lower index.
-__device__ __forceinline__ void warp_argmax(float& value, int& index) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    const float v = __shfl_xor_sync(0xffffffffu, value, offset);
-    const int i = __shfl_xor_sync(0xffffffffu, index, offset);
-    if (v > value || (v == value && i < index)) {
-      value = v;
-      index = i;
-    }
-  }
+// An unsigned key whose order is the order of the float values: two single-instruction warp
+// reductions (redux.sync, sm_80+) then find the argmax. NaN ranks below everything (it never
+// wins a comparison in the CPU reference either); -0 is made +0 so that equal values tie.
+__device__ __forceinline__ unsigned order_key(float v) {
+  if (v != v) return 0u;
+  const unsigned b = __float_as_uint(__fadd_rn(v, 0.0f));
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// The index holding the largest value across the warp, the lower index winning ties.
+__device__ __forceinline__ int warp_argmax_index(float value, int index) {
+  const unsigned key = order_key(value);
+  const unsigned best = __reduce_max_sync(0xffffffffu, key);
+  return static_cast<int>(__reduce_min_sync(0xffffffffu, key == best ? static_cast<unsigned>(index) : 0xffffffffu));
 }
 
 // Butterfly sum: every lane ends with the same bits (each step adds the same two values, and
@@ -123,19 +126,20 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
       group_score[g] = p.bias ? pmath::add_rn(best, second) : best;
     }
     __syncwarp();
-    // Take the topk_group best groups; mark them by flipping their score to +inf-like "kept".
+    // Take the topk_group best groups; a kept group's score becomes NaN (a NaN never wins again).
     for (int round = 0; round < p.topk_group; ++round) {
       float v = kNegInf;
       int g_best = G;
-      for (int g = lane; g < G; g += 32) {
+      for (int g = lane; g < G; g += 32) {  // ascending g, strictly greater: lower index wins ties
         const float x = group_score[g];
-        if (x > v || (x == v && g < g_best)) {
+        if (x > v) {
           v = x;
           g_best = g;
         }
       }
-      warp_argmax(v, g_best);
-      if (lane == 0 && g_best < G) group_score[g_best] = CUDART_NAN_F;  // NaN marks "kept"
+      g_best = warp_argmax_index(v, g_best);
+      __syncwarp();
+      if (lane == 0 && g_best < G) group_score[g_best] = CUDART_NAN_F;
       __syncwarp();
     }
     for (int e = lane; e < E; e += 32) {
@@ -148,31 +152,41 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
   const int width = p.topk + p.num_shared;
   float* out_w = p.topk_weights + t * width;
   int32_t* out_id = p.topk_ids + t * width;
-  float weight_sum = 0.f;
-  for (int k = 0; k < p.topk; ++k) {
-    float v = kNegInf;
-    int e_best = E;
-    for (int e = lane; e < E; e += 32) {
+  // Each lane caches the best of its own experts (e = lane, lane + 32, ...): a round is two warp
+  // reductions over the caches, and only the lane that owns the pick rescans (it alone reads and
+  // writes its experts' choice values from here on).
+  auto lane_best = [&](float& v, int& i) {
+    v = kNegInf;
+    i = E;
+    for (int e = lane; e < E; e += 32) {  // ascending e, strictly greater: lower index wins ties
       const float x = choice[e];
-      if (x > v || (x == v && e < e_best)) {
+      if (x > v) {
         v = x;
-        e_best = e;
+        i = e;
       }
     }
-    warp_argmax(v, e_best);
-    // e_best < E always: the checks guarantee topk <= experts in the kept groups, and a choice of
-    // -inf still has its index (NaN scores compare false and keep the lowest index).
+  };
+  float my_value;
+  int my_expert;
+  lane_best(my_value, my_expert);
+  float weight_sum = 0.f;
+  for (int k = 0; k < p.topk; ++k) {
+    int e_best = warp_argmax_index(my_value, my_expert);
+    // e_best < E always: the checks guarantee topk <= experts in the kept groups (only NaN scores
+    // could leave no candidate).
     if (e_best >= E) e_best = 0;
     const float w = s[e_best];
     weight_sum = pmath::add_rn(weight_sum, w);
-    __syncwarp();  // every lane has read choice[] before lane 0 retires the pick
     if (lane == 0) {
       out_id[k] = e_best;
-      choice[e_best] = kNegInf;
       out_w[k] = w;  // rescaled below
     }
-    __syncwarp();
+    if (lane == e_best % 32) {
+      choice[e_best] = kNegInf;
+      lane_best(my_value, my_expert);
+    }
   }
+  __syncwarp();  // lane 0's weights are visible to the lanes that rescale them
   const float scale = pmath::mul_rn(p.renormalize ? pmath::div_rn(1.f, weight_sum) : 1.f, p.output_scale);
   for (int k = lane; k < p.topk; k += 32) out_w[k] = pmath::mul_rn(out_w[k], scale);
   for (int j = lane; j < p.num_shared; j += 32) {
