@@ -6,13 +6,13 @@
 namespace moe_kernels {
 namespace {
 
-template <typename T, typename B>
+template <typename T, typename B, int kPer>
 cudaError_t launch_typed(const FusedGateArgs& a, cudaStream_t stream) {
   FusedGateParams<T, B> p{static_cast<const T*>(a.scores), static_cast<const B*>(a.bias), a.num_tokens,
                           a.num_experts, a.num_groups, a.topk_group, a.topk, a.softmax, a.renormalize,
                           a.num_shared, a.shared_weight, a.output_scale, a.topk_weights, a.topk_ids};
-  const size_t smem = sizeof(float) * kGateWarps * (2 * a.num_experts + a.num_groups);
-  auto kernel = fused_gate_kernel<T, B>;
+  const size_t smem = sizeof(float) * kGateWarps * (a.num_experts + a.num_groups);
+  auto kernel = fused_gate_kernel<T, B, kPer>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
@@ -22,10 +22,20 @@ cudaError_t launch_typed(const FusedGateArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Registers per lane for the token's experts: the smallest of 4, 8, 16, 32 that holds E / 32.
+template <typename T, typename B>
+cudaError_t launch_per_lane(const FusedGateArgs& a, cudaStream_t stream) {
+  const int per = (a.num_experts + 31) / 32;
+  if (per <= 4) return launch_typed<T, B, 4>(a, stream);
+  if (per <= 8) return launch_typed<T, B, 8>(a, stream);
+  if (per <= 16) return launch_typed<T, B, 16>(a, stream);
+  return launch_typed<T, B, 32>(a, stream);
+}
+
 template <typename T>
 cudaError_t launch_scores(const FusedGateArgs& a, cudaStream_t stream) {
-  if (a.bias == nullptr || a.bias_fp32) return launch_typed<T, float>(a, stream);
-  return launch_typed<T, T>(a, stream);
+  if (a.bias == nullptr || a.bias_fp32) return launch_per_lane<T, float>(a, stream);
+  return launch_per_lane<T, T>(a, stream);
 }
 
 }  // namespace

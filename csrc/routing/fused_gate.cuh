@@ -6,8 +6,8 @@
 // their experts are taken. The weights are s (not choice) of those experts, optionally
 // renormalized, times output_scale; num_shared fused shared-expert slots follow.
 //
-// The token's s and choice values live in shared memory (E <= kMaxGateExperts); every selection is
-// an argmax over (value, index) with the lower index winning ties. All arithmetic goes through
+// The token's s and choice values live in registers (E <= kMaxGateExperts); every selection is an
+// argmax over (value, index) with the lower index winning ties. All arithmetic goes through
 // common/portable_math.h (IEEE steps, a portable exp) and the softmax sum follows a fixed lane
 // order that the CPU reference reproduces, so ids and weights equal the reference bit for bit.
 #pragma once
@@ -70,99 +70,158 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-template <typename T, typename B>
+// Lane l holds experts [l * per, (l + 1) * per) in registers (per = ceil(E / 32) <= kPer): a
+// blocked layout, so that with groups of a multiple of `per` experts a group is a run of lanes
+// and its score is a short butterfly. Shared memory (E + G floats per warp) is used only by the
+// general group path.
+template <typename T, typename B, int kPer>
 __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGateParams<T, B> p) {
-  extern __shared__ float gate_smem[];  // per warp: s[E], choice[E], group_score[G]
+  extern __shared__ float gate_smem[];  // per warp: choice[E], group_score[G] (general group path)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int E = p.num_experts;
   const int G = p.num_groups;
   const int group_size = E / G;
-  float* s = gate_smem + warp * (2 * E + G);
-  float* choice = s + E;
-  float* group_score = choice + E;
+  const int per = (E + 31) / 32;
+  const int e0 = lane * per;
   const float kNegInf = -CUDART_INF_F;
 
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
   if (t >= p.num_tokens) return;  // warp-uniform: no block-wide barriers below
   const T* row = p.scores + t * E;
 
-  // Scores -> s. Softmax uses the max for range; the sum is a fixed butterfly (deterministic).
+  float sv[kPer];  // s of this lane's experts
+  float cv[kPer];  // choice (s + bias), -inf once picked or dropped
   float row_max = kNegInf;
-  for (int e = lane; e < E; e += 32) {
-    const float x = to_float(row[e]);
-    s[e] = x;
-    row_max = fmaxf(row_max, x);
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int e = e0 + j;
+    const bool valid = j < per && e < E;
+    sv[j] = valid ? to_float(row[e]) : kNegInf;
+    row_max = fmaxf(row_max, sv[j]);
   }
+  // Scores -> s; the softmax sum runs per lane in expert order, then a butterfly (the CPU
+  // reference replays both).
   if (p.softmax) {
     row_max = warp_max(row_max);
     float sum = 0.f;
-    for (int e = lane; e < E; e += 32) {
-      const float x = pmath::exp_portable(pmath::add_rn(s[e], -row_max));
-      s[e] = x;
-      sum = pmath::add_rn(sum, x);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      if (j < per && e0 + j < E) {
+        sv[j] = pmath::exp_portable(pmath::add_rn(sv[j], -row_max));
+        sum = pmath::add_rn(sum, sv[j]);
+      }
     }
     const float inv_sum = pmath::div_rn(1.f, warp_sum(sum));
-    for (int e = lane; e < E; e += 32) s[e] = pmath::mul_rn(s[e], inv_sum);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) sv[j] = pmath::mul_rn(sv[j], inv_sum);
   } else {
-    for (int e = lane; e < E; e += 32) s[e] = pmath::sigmoid(s[e]);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) sv[j] = pmath::sigmoid(sv[j]);
   }
-  for (int e = lane; e < E; e += 32) choice[e] = p.bias ? pmath::add_rn(s[e], to_float(p.bias[e])) : s[e];
-  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int e = e0 + j;
+    const bool valid = j < per && e < E;
+    cv[j] = !valid ? kNegInf : p.bias ? pmath::add_rn(sv[j], to_float(p.bias[e])) : sv[j];
+  }
 
-  // Group selection (skipped when every group is kept): each lane scores whole groups.
+  // Group selection (skipped when every group is kept).
   if (p.topk_group < G) {
-    for (int g = lane; g < G; g += 32) {
+    const int lanes_per_group = group_size / per;
+    const bool runs_of_lanes = group_size % per == 0 && (lanes_per_group & (lanes_per_group - 1)) == 0;
+    bool kept = false;  // whether this lane's group is kept (all of a lane's experts share a group)
+    if (runs_of_lanes) {
+      // Top-2 of the lane, then merged across the lanes of the group: selections only, no
+      // arithmetic, so the group score is the same sum as in the reference.
       float best = kNegInf, second = kNegInf;
-      for (int j = 0; j < group_size; ++j) {
-        const float c = choice[g * group_size + j];
-        if (c > best) {
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        if (cv[j] > best) {
           second = best;
-          best = c;
-        } else if (c > second) {
-          second = c;
+          best = cv[j];
+        } else if (cv[j] > second) {
+          second = cv[j];
         }
       }
-      group_score[g] = p.bias ? pmath::add_rn(best, second) : best;
-    }
-    __syncwarp();
-    // Take the topk_group best groups; a kept group's score becomes NaN (a NaN never wins again).
-    for (int round = 0; round < p.topk_group; ++round) {
-      float v = kNegInf;
-      int g_best = G;
-      for (int g = lane; g < G; g += 32) {  // ascending g, strictly greater: lower index wins ties
-        const float x = group_score[g];
-        if (x > v) {
-          v = x;
-          g_best = g;
-        }
+      for (int offset = 1; offset < lanes_per_group; offset *= 2) {
+        const float b = __shfl_xor_sync(0xffffffffu, best, offset);
+        const float c = __shfl_xor_sync(0xffffffffu, second, offset);
+        second = fmaxf(fminf(best, b), fmaxf(second, c));
+        best = fmaxf(best, b);
       }
-      g_best = warp_argmax_index(v, g_best);
+      const int my_group = e0 < E ? e0 / group_size : G;
+      float score = p.bias ? pmath::add_rn(best, second) : best;
+      if (my_group >= G || lane % lanes_per_group != 0) score = CUDART_NAN_F;  // one candidate per group
+      for (int round = 0; round < p.topk_group; ++round) {
+        const int g_best = warp_argmax_index(score, my_group < G ? my_group : G);
+        kept = kept || g_best == my_group;
+        if (g_best == my_group) score = CUDART_NAN_F;
+      }
+    } else {
+      // General grouping: choices through shared memory, each lane scores whole groups.
+      float* choice = gate_smem + warp * (E + G);
+      float* group_score = choice + E;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        if (j < per && e0 + j < E) choice[e0 + j] = cv[j];
+      }
       __syncwarp();
-      if (lane == 0 && g_best < G) group_score[g_best] = CUDART_NAN_F;
+      for (int g = lane; g < G; g += 32) {
+        float best = kNegInf, second = kNegInf;
+        for (int i = 0; i < group_size; ++i) {
+          const float c = choice[g * group_size + i];
+          if (c > best) {
+            second = best;
+            best = c;
+          } else if (c > second) {
+            second = c;
+          }
+        }
+        group_score[g] = p.bias ? pmath::add_rn(best, second) : best;
+      }
       __syncwarp();
+      for (int round = 0; round < p.topk_group; ++round) {
+        float v = kNegInf;
+        int g_best = G;
+        for (int g = lane; g < G; g += 32) {  // ascending g, strictly greater: lower index wins ties
+          if (group_score[g] > v) {
+            v = group_score[g];
+            g_best = g;
+          }
+        }
+        g_best = warp_argmax_index(v, g_best);
+        __syncwarp();
+        if (lane == 0 && g_best < G) group_score[g_best] = CUDART_NAN_F;  // NaN: kept, never wins again
+        __syncwarp();
+      }
+      // A lane's experts may span groups here: mark each expert by its own group.
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int e = e0 + j;
+        if (j < per && e < E && !isnan(group_score[e / group_size])) cv[j] = kNegInf;
+      }
+      kept = true;  // already applied per expert
     }
-    for (int e = lane; e < E; e += 32) {
-      if (!isnan(group_score[e / group_size])) choice[e] = kNegInf;  // expert of a dropped group
+    if (!kept) {
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) cv[j] = kNegInf;  // the lane's group was dropped
     }
-    __syncwarp();
   }
 
-  // Top-k experts by choice; weights from s.
+  // Top-k experts by choice; weights from s. Each lane keeps the best of its own experts; a round
+  // is two warp reductions, and only the lane owning the pick rescans its registers.
   const int width = p.topk + p.num_shared;
   float* out_w = p.topk_weights + t * width;
   int32_t* out_id = p.topk_ids + t * width;
-  // Each lane caches the best of its own experts (e = lane, lane + 32, ...): a round is two warp
-  // reductions over the caches, and only the lane that owns the pick rescans (it alone reads and
-  // writes its experts' choice values from here on).
   auto lane_best = [&](float& v, int& i) {
     v = kNegInf;
     i = E;
-    for (int e = lane; e < E; e += 32) {  // ascending e, strictly greater: lower index wins ties
-      const float x = choice[e];
-      if (x > v) {
-        v = x;
-        i = e;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {  // ascending expert, strictly greater: lower index wins ties
+      if (cv[j] > v) {
+        v = cv[j];
+        i = e0 + j;
       }
     }
   };
@@ -175,15 +234,23 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
     // e_best < E always: the checks guarantee topk <= experts in the kept groups (only NaN scores
     // could leave no candidate).
     if (e_best >= E) e_best = 0;
-    const float w = s[e_best];
+    const int owner = e_best / per;
+    float w_local = 0.f;
+    if (lane == owner) {
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        if (e0 + j == e_best) {
+          w_local = sv[j];
+          cv[j] = kNegInf;
+        }
+      }
+      lane_best(my_value, my_expert);
+    }
+    const float w = __shfl_sync(0xffffffffu, w_local, owner);
     weight_sum = pmath::add_rn(weight_sum, w);
     if (lane == 0) {
       out_id[k] = e_best;
       out_w[k] = w;  // rescaled below
-    }
-    if (lane == e_best % 32) {
-      choice[e_best] = kNegInf;
-      lane_best(my_value, my_expert);
     }
   }
   __syncwarp();  // lane 0's weights are visible to the lanes that rescale them

@@ -36,6 +36,7 @@ std::tuple<at::Tensor, at::Tensor> moe_fused_gate(const at::Tensor& scores, cons
   const int E = static_cast<int>(scores.size(1));
   const int G = static_cast<int>(num_expert_group);
   const int group_size = E / G;
+  const int per = (E + pmath::kWarpLanes - 1) / pmath::kWarpLanes;  // experts per lane in the kernel
   const int64_t width = topk + num_fused_shared_experts;
   const at::Tensor x = scores.to(at::kFloat);
   const at::Tensor b = bias ? bias->to(at::kFloat) : at::Tensor();
@@ -50,14 +51,15 @@ std::tuple<at::Tensor, at::Tensor> moe_fused_gate(const at::Tensor& scores, cons
   for (int64_t t = 0; t < T; ++t) {
     const float* row = xp + t * E;
     // The kernel's arithmetic, step for step (common/portable_math.h; this file is compiled with
-    // -ffp-contract=off): softmax sums per lane over e = lane, lane+32, ..., then a butterfly.
+    // -ffp-contract=off): softmax sums per lane over its block of experts (lane = e / per, per =
+    // ceil(E / 32)) in expert order, then a butterfly over the 32 lane sums.
     if (cfg.softmax) {
       float m = kNegInf;
       for (int e = 0; e < E; ++e) m = std::fmax(m, row[e]);
       float lane_sum[pmath::kWarpLanes] = {};
       for (int e = 0; e < E; ++e) {
         s[e] = pmath::exp_portable(pmath::add_rn(row[e], -m));
-        lane_sum[e % pmath::kWarpLanes] = pmath::add_rn(lane_sum[e % pmath::kWarpLanes], s[e]);
+        lane_sum[e / per] = pmath::add_rn(lane_sum[e / per], s[e]);
       }
       for (int offset = pmath::kWarpLanes / 2; offset > 0; offset /= 2) {
         float next[pmath::kWarpLanes];
