@@ -22,12 +22,14 @@ cudaError_t launch_typed(const FusedGateArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Registers per lane for the token's experts: the smallest of 4, 8, 16, 32 that holds E / 32.
+// Registers per lane for the token's experts: the smallest of 4, 8, 12, 16, 32 that holds E / 32
+// (12: Kimi-K2's 384 experts).
 template <typename T, typename B>
 cudaError_t launch_per_lane(const FusedGateArgs& a, cudaStream_t stream) {
   const int per = (a.num_experts + 31) / 32;
   if (per <= 4) return launch_typed<T, B, 4>(a, stream);
   if (per <= 8) return launch_typed<T, B, 8>(a, stream);
+  if (per <= 12) return launch_typed<T, B, 12>(a, stream);
   if (per <= 16) return launch_typed<T, B, 16>(a, stream);
   return launch_typed<T, B, 32>(a, stream);
 }

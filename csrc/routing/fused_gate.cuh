@@ -117,7 +117,9 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
     for (int j = 0; j < kPer; ++j) sv[j] = pmath::mul_rn(sv[j], inv_sum);
   } else {
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) sv[j] = pmath::sigmoid(sv[j]);
+    for (int j = 0; j < kPer; ++j) {
+      if (j < per) sv[j] = pmath::sigmoid(sv[j]);  // slots past E stay -inf (never picked)
+    }
   }
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
