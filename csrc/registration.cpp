@@ -26,4 +26,11 @@ TORCH_LIBRARY(moe_kernels, m) {
         "str scoring_func=\"sigmoid\", bool renormalize=True, int num_fused_shared_experts=0, "
         "float routed_scaling_factor=1.0, bool apply_routed_scaling_factor_on_output=False) "
         "-> (Tensor topk_weights, Tensor topk_ids)");
+  // gemm/ and moe/
+  m.def("cutlass_grouped_gemm_fp8(Tensor a, Tensor b, Tensor a_scales, Tensor b_scales, Tensor expert_offsets, "
+        "ScalarType? out_dtype=None) -> Tensor");
+  m.def("cutlass_moe_fp8(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+        "Tensor w1_scale, Tensor w2_scale, Tensor? a1_scale=None, Tensor? a2_scale=None, bool per_act_token=False, "
+        "bool per_out_ch=False, Tensor? expert_map=None, int num_local_experts=-1, "
+        "bool apply_router_weight_on_input=False) -> Tensor");
 }

@@ -76,10 +76,28 @@ def run_routing():
         moe_kernels.moe_fused_gate(scores, bias, G, tg, k, scoring, True, 1, 2.5, False)
 
 
+def run_gemm():
+    # Empty experts, one expert with many rows, the smallest aligned N and K; then the layer.
+    fp8 = torch.float8_e4m3fn
+    for counts, N, K in [([5, 0, 37, 1], 64, 128), ([3, 1], 8, 16)]:
+        offsets = torch.tensor([0] + counts, device="cuda").cumsum(0)
+        a = torch.randn(int(offsets[-1]), K, device="cuda").to(fp8)
+        b = torch.randn(len(counts), N, K, device="cuda").to(fp8)
+        moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.ones(1, device="cuda"), torch.ones(len(counts), device="cuda"),
+                                             offsets)
+    x = torch.randn(33, 256, device="cuda", dtype=torch.bfloat16)
+    w1 = (torch.randn(8, 256, 256, device="cuda") * 0.05).to(fp8)
+    w2 = (torch.randn(8, 256, 128, device="cuda") * 0.05).to(fp8)
+    ids = torch.rand(33, 8, device="cuda").argsort(1)[:, :2].int().contiguous()
+    moe_kernels.cutlass_moe_fp8(x, w1, w2, torch.rand(33, 2, device="cuda"), ids, torch.ones(8, device="cuda"),
+                                torch.ones(8, device="cuda"))
+
+
 if __name__ == "__main__":
     run_permute()
     run_quant()
     run_ep()
     run_routing()
+    run_gemm()
     torch.cuda.synchronize()
     print("sanitize_ops: done")

@@ -21,6 +21,7 @@ from .ops.permute import (  # noqa: E402
     moe_unpermute,
 )
 from . import modular  # noqa: E402
+from .ops.gemm import cutlass_grouped_gemm_fp8, cutlass_moe_fp8  # noqa: E402
 from .ops.routing import moe_fused_gate  # noqa: E402
 from .ops.quant import (  # noqa: E402
     scaled_fp8_quant,
@@ -33,6 +34,8 @@ cmake_prefix_path = str(Path(__file__).resolve().parent / "lib" / "cmake")
 include_path = str(Path(__file__).resolve().parent / "include")
 
 __all__ = [
+    "cutlass_grouped_gemm_fp8",
+    "cutlass_moe_fp8",
     "moe_fused_gate",
     "compute_problem_sizes",
     "ep_post_reorder",

@@ -1,0 +1,138 @@
+"""The FP8 grouped GEMM against torch._scaled_grouped_mm, and the whole FP8 layer against bf16 and
+fp8 PyTorch layers, on the MoE shapes of Mixtral-8x7B, Qwen3-235B and DeepSeek-V3.
+
+FLOPs: 2*M*N*K per grouped GEMM (M = T*topk rows spread over E experts by random routing).
+Ceiling: the FP8 dense peak measured in the same run (torch._scaled_mm, 8192^3, fast accumulation).
+Run: python bench/bench_gemm.py [--layer]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import moe_kernels  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+MODELS = {  # name: (E, topk, H, I)
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "qwen3-235b": (128, 8, 4096, 1536),
+    "deepseek-v3": (256, 8, 7168, 2048),
+}
+TOKENS = [16, 128, 1024, 4096, 16384]
+
+
+def fp8_peak():
+    a = torch.randn(8192, 8192, device="cuda").to(FP8)
+    b = torch.randn(8192, 8192, device="cuda").to(FP8).t()
+    one = torch.ones((), device="cuda")
+    t = harness.time_per_call(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16,
+                                                       use_fast_accum=True), [()], reps=10)
+    return 2 * 8192**3 / t
+
+
+def routed_offsets(T, topk, E):
+    ids = torch.rand(T, E, device="cuda").argsort(dim=1)[:, :topk]
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    offsets = torch.zeros(E + 1, dtype=torch.int64, device="cuda")
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, ids.int()
+
+
+def bench_gemm(name, E, M, N, K, offsets, peak):
+    a = torch.randn(M, K, device="cuda").to(FP8)
+    b = torch.randn(E, N, K, device="cuda").to(FP8)
+    a_s = torch.ones(1, device="cuda")
+    b_s = torch.ones(E, device="cuda")
+    flops = 2 * M * N * K
+    ours = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, offsets), [()])
+    row = {"gemm": name, "M": M, "N": N, "K": K, "us": ours * 1e6, "TFLOPs": flops / ours / 1e12,
+           "frac_fp8_peak": flops / ours / peak}
+    try:  # the peer: rowwise scales, int32 cumulative row ends
+        sa, sb = torch.ones(M, device="cuda"), torch.ones(E, N, device="cuda")
+        offs = offsets[1:].to(torch.int32)
+        bt = b.transpose(1, 2)
+        peer = harness.time_per_call(lambda: torch._scaled_grouped_mm(a, bt, sa, sb, offs=offs, out_dtype=torch.bfloat16,
+                                                                      use_fast_accum=True), [()])
+        row.update({"torch_us": peer * 1e6, "speedup": peer / ours})
+    except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+        row["torch_error"] = str(e).splitlines()[0][:60]
+    return row
+
+
+def torch_bf16_layer(x, w1, w2, w, ids, E):
+    """Plain permute (argsort + index_select), torch._grouped_mm, silu*mul, unpermute."""
+    T, K = ids.shape
+    order = torch.argsort(ids.view(-1), stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, ids.view(-1).long(), torch.ones_like(ids.view(-1)))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    xs = x.index_select(0, order // K)
+    h = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)
+    I = w2.shape[2]
+    y = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+    o = torch._grouped_mm(y, w2.transpose(1, 2), offs=offs)
+    out = torch.empty_like(o)
+    out[order] = o
+    return (out.view(T, K, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+def bench_layer(name, E, topk, H, I, T, peak_rows):
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    w1 = (torch.randn(E, 2 * I, H, device="cuda") * 0.05).to(FP8)
+    w2 = (torch.randn(E, H, I, device="cuda") * 0.05).to(FP8)
+    s = torch.ones(E, device="cuda")
+    a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.02], device="cuda")
+    _, ids = routed_offsets(T, topk, E)
+    w = torch.rand(T, topk, device="cuda")
+    ours = harness.time_per_call(lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2), [()])
+    row = {"layer": name, "T": T, "us": ours * 1e6}
+    gemm_us = sum(r["us"] for r in peak_rows)
+    row["gemm_share"] = gemm_us / (ours * 1e6)
+    del w1, w2
+    try:
+        w1b = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.05
+        w2b = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.05
+        peer = harness.time_per_call(lambda: torch_bf16_layer(x, w1b, w2b, w, ids, E), [()])
+        row.update({"torch_bf16_us": peer * 1e6, "speedup_vs_bf16": peer / ours})
+    except Exception as e:  # noqa: BLE001
+        row["torch_error"] = str(e).splitlines()[0][:60]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--layer", action="store_true", help="also time the whole layer")
+    args = parser.parse_args()
+    peak = fp8_peak()
+    gemm_rows, layer_rows = [], []
+    for name in args.models:
+        E, topk, H, I = MODELS[name]
+        for T in args.tokens:
+            offsets, _ = routed_offsets(T, topk, E)
+            M = T * topk
+            pair = [bench_gemm(f"{name}/gemm1", E, M, 2 * I, H, offsets, peak),
+                    bench_gemm(f"{name}/gemm2", E, M, H, I, offsets, peak)]
+            for r in pair:
+                r["T"] = T
+            gemm_rows += pair
+            if args.layer:
+                layer_rows.append(bench_layer(name, E, topk, H, I, T, pair))
+            torch.cuda.empty_cache()
+    harness.print_table(gemm_rows, ["gemm", "T", "M", "N", "K", "us", "TFLOPs", "frac_fp8_peak", "torch_us",
+                                    "speedup", "torch_error"])
+    if layer_rows:
+        harness.print_table(layer_rows, ["layer", "T", "us", "gemm_share", "torch_bf16_us", "speedup_vs_bf16",
+                                         "torch_error"])
+    print(f"fp8 dense peak (torch._scaled_mm 8192^3): {peak / 1e12:.0f} TFLOP/s")
+    print(f"saved {harness.save('gemm', {'fp8_peak_flops': peak}, gemm_rows + layer_rows)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+#include "gemm/checks.h"
+
+namespace moe_kernels {
+
+void check_grouped_gemm_fp8_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
+                                 const at::Tensor& b_scales, const at::Tensor& expert_offsets,
+                                 std::optional<at::ScalarType> out_dtype) {
+  const char* op = "cutlass_grouped_gemm_fp8";
+  TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D [M, K], got shape ", a.sizes());
+  TORCH_CHECK(b.dim() == 3, op, ": b must be 3-D [E, N, K], got shape ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat8_e4m3fn, op, ": a must be float8_e4m3fn, got ", a.scalar_type());
+  TORCH_CHECK(b.scalar_type() == at::kFloat8_e4m3fn, op, ": b must be float8_e4m3fn, got ", b.scalar_type());
+  TORCH_CHECK(a.is_contiguous(), op, ": a must be contiguous");
+  TORCH_CHECK(b.is_contiguous(), op, ": b must be contiguous");
+  const int64_t K = a.size(1);
+  TORCH_CHECK(b.size(2) == K, op, ": b must have K=", K, " columns (as a), got shape ", b.sizes());
+  // TMA needs 16-byte aligned rows: K e4m3 elements for a and b, N bf16 elements for the output.
+  TORCH_CHECK(K % 16 == 0 && K > 0, op, ": K must be a positive multiple of 16, got ", K);
+  TORCH_CHECK(b.size(1) % 8 == 0 && b.size(1) > 0, op, ": N must be a positive multiple of 8, got ", b.size(1));
+  const int64_t E = b.size(0);
+  TORCH_CHECK(expert_offsets.dim() == 1 && expert_offsets.size(0) == E + 1, op,
+              ": expert_offsets must have shape [", E + 1, "] (E + 1), got ", expert_offsets.sizes());
+  TORCH_CHECK(expert_offsets.scalar_type() == at::kLong, op, ": expert_offsets must be int64, got ",
+              expert_offsets.scalar_type());
+  TORCH_CHECK(a_scales.scalar_type() == at::kFloat && b_scales.scalar_type() == at::kFloat, op,
+              ": a_scales and b_scales must be float32, got ", a_scales.scalar_type(), " and ",
+              b_scales.scalar_type());
+  TORCH_CHECK(a_scales.numel() == 1, op, ": a_scales must hold one per-tensor scale ([1]); per-token scales ",
+              "are not supported yet, got shape ", a_scales.sizes());
+  TORCH_CHECK(b_scales.numel() == E && (b_scales.dim() == 1 || (b_scales.dim() == 2 && b_scales.size(1) == 1)), op,
+              ": b_scales must hold one scale per expert ([E] = [", E, "]); per-channel scales are not supported ",
+              "yet, got shape ", b_scales.sizes());
+  TORCH_CHECK(!out_dtype || *out_dtype == at::kBFloat16, op, ": out_dtype must be bfloat16, got ", *out_dtype);
+  for (const at::Tensor* t : {&b, &a_scales, &b_scales, &expert_offsets}) {
+    TORCH_CHECK(t->device() == a.device(), op, ": every tensor must be on ", a.device(), ", got ", t->device());
+  }
+  TORCH_CHECK(a_scales.is_contiguous() && b_scales.is_contiguous() && expert_offsets.is_contiguous(), op,
+              ": a_scales, b_scales and expert_offsets must be contiguous");
+}
+
+}  // namespace moe_kernels

@@ -1,0 +1,34 @@
+// Launchers of the FP8 grouped GEMM. Plain C++: no torch, no CUTLASS types.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace moe_kernels {
+
+// out[rows of expert e] = alpha_e * (a[rows of e] @ b[e]^T), alpha_e = a_scale[0] * b_scale[e];
+// rows of expert e are expert_offsets[e] .. expert_offsets[e+1]. a [M,K] e4m3 row-major,
+// b [E,N,K] e4m3 (each expert's [N,K] row-major: the K-major "column-major B" of CUTLASS),
+// out [M,N] bf16. Problem sizes, pointers, strides and alphas are built on the device.
+struct GroupedGemmFp8Args {
+  const void* a;
+  const void* b;
+  const float* a_scale;          // [1]
+  const float* b_scale;          // [E]
+  const int64_t* expert_offsets; // [E+1]
+  void* out;
+  int num_experts;
+  int n;
+  int k;
+  void* scratch;                 // grouped_gemm_fp8_scratch_bytes(num_experts), 256-byte aligned
+  void* workspace;               // grouped_gemm_fp8_workspace_bytes()
+  int sm_count;
+};
+
+size_t grouped_gemm_fp8_scratch_bytes(int num_experts);
+size_t grouped_gemm_fp8_workspace_bytes(int sm_count);
+// Returns an empty string on success, else what went wrong (CUTLASS status or CUDA error).
+const char* launch_grouped_gemm_fp8(const GroupedGemmFp8Args& args, cudaStream_t stream);
+
+}  // namespace moe_kernels

@@ -1,0 +1,88 @@
+// Torch glue of the FP8 grouped GEMM: checks, scratch and workspace from the caching allocator,
+// the launch on the current stream; and the CPU reference (dequantize, matmul per expert).
+#include <torch/library.h>
+
+#include <array>
+
+#include "common/torch_glue.h"
+#include "gemm/checks.h"
+#include "gemm/launchers.h"
+#include "moe_kernels/gemm.h"
+
+namespace moe_kernels {
+namespace {
+
+int sm_count(int device) {
+  static std::array<int, 64> cached{};
+  if (cached[device] == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    cached[device] = n;
+  }
+  return cached[device];
+}
+
+at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
+                                 const at::Tensor& b_scales, const at::Tensor& expert_offsets,
+                                 std::optional<at::ScalarType> out_dtype) {
+  check_grouped_gemm_fp8_args(a, b, a_scales, b_scales, expert_offsets, out_dtype);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int E = static_cast<int>(b.size(0));
+  auto out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
+  if (a.size(0) == 0 || E == 0) return out;
+  const int sms = sm_count(a.get_device());
+  auto bytes = a.options().dtype(at::kByte);
+  at::Tensor scratch = at::empty({static_cast<int64_t>(grouped_gemm_fp8_scratch_bytes(E))}, bytes);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(grouped_gemm_fp8_workspace_bytes(sms)) + 1}, bytes);
+  GroupedGemmFp8Args args{a.data_ptr(),
+                          b.data_ptr(),
+                          a_scales.data_ptr<float>(),
+                          b_scales.data_ptr<float>(),
+                          expert_offsets.data_ptr<int64_t>(),
+                          out.data_ptr(),
+                          E,
+                          static_cast<int>(b.size(1)),
+                          static_cast<int>(a.size(1)),
+                          scratch.data_ptr(),
+                          workspace.data_ptr(),
+                          sms};
+  const char* err = launch_grouped_gemm_fp8(args, current_stream());
+  TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8: ", err);
+  return out;
+}
+
+// The specification: rows of expert e times its dequantized weight, in fp32, rounded once to bf16.
+at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
+                                const at::Tensor& b_scales, const at::Tensor& expert_offsets,
+                                std::optional<at::ScalarType> out_dtype) {
+  check_grouped_gemm_fp8_args(a, b, a_scales, b_scales, expert_offsets, out_dtype);
+  const int64_t E = b.size(0);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
+  const int64_t* off = expert_offsets.data_ptr<int64_t>();
+  const float a_scale = a_scales.reshape({-1})[0].item<float>();
+  const at::Tensor bs = b_scales.reshape({-1});
+  for (int64_t e = 0; e < E; ++e) {
+    if (off[e + 1] <= off[e]) continue;
+    const at::Tensor rows = a.slice(0, off[e], off[e + 1]).to(at::kFloat);
+    const at::Tensor w = b[e].to(at::kFloat);
+    const float scale = a_scale * bs[e].item<float>();
+    out.slice(0, off[e], off[e + 1]).copy_(at::matmul(rows, w.t()).mul_(scale));
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
+                                    const at::Tensor& b_scales, const at::Tensor& expert_offsets,
+                                    std::optional<at::ScalarType> out_dtype) {
+  static auto handle = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("moe_kernels::cutlass_grouped_gemm_fp8", "")
+                           .typed<decltype(cutlass_grouped_gemm_fp8)>();
+  return handle.call(a, b, a_scales, b_scales, expert_offsets, out_dtype);
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) { m.impl("cutlass_grouped_gemm_fp8", &grouped_gemm_fp8_cuda); }
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("cutlass_grouped_gemm_fp8", &grouped_gemm_fp8_cpu); }
+
+}  // namespace moe_kernels

@@ -1,0 +1,24 @@
+// Public C++ API of the FP8 grouped GEMM and the CUTLASS MoE layer (through the dispatcher).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace moe_kernels {
+
+// a [M,K] e4m3 rows grouped by expert, b [E,N,K] e4m3, a_scales [1] f32, b_scales [E] f32,
+// expert_offsets [E+1] int64 -> [M,N] bf16 = (a_scale * b_scale[e]) * a[rows of e] @ b[e]^T.
+at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
+                                    const at::Tensor& b_scales, const at::Tensor& expert_offsets,
+                                    std::optional<at::ScalarType> out_dtype = std::nullopt);
+
+// The whole expert computation: quantize, permute, GEMM1, silu*mul + quantize, GEMM2, unpermute.
+at::Tensor cutlass_moe_fp8(const at::Tensor& hidden_states, const at::Tensor& w1, const at::Tensor& w2,
+                           const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& w1_scale,
+                           const at::Tensor& w2_scale, const std::optional<at::Tensor>& a1_scale = std::nullopt,
+                           const std::optional<at::Tensor>& a2_scale = std::nullopt, bool per_act_token = false,
+                           bool per_out_ch = false, const std::optional<at::Tensor>& expert_map = std::nullopt,
+                           int64_t num_local_experts = -1, bool apply_router_weight_on_input = false);
+
+}  // namespace moe_kernels

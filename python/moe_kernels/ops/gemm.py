@@ -1,0 +1,72 @@
+"""FP8 grouped GEMM (CUTLASS 3.x, sm90a) and the CUTLASS FP8 MoE layer."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.moe_kernels
+
+
+def cutlass_grouped_gemm_fp8(a: Tensor, b: Tensor, a_scales: Tensor, b_scales: Tensor, expert_offsets: Tensor,
+                             out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Grouped GEMM over experts: ``out[rows of e] = a_scale * b_scales[e] * a[rows of e] @ b[e].T``.
+
+    Args:
+        a: [M, K] float8_e4m3fn, rows grouped by expert (as moe_permute leaves them); K % 16 == 0.
+        b: [E, N, K] float8_e4m3fn, each expert's weight [N, K] row-major; N % 8 == 0.
+        a_scales: [1] float32, per-tensor activation scale (per-token: not supported yet).
+        b_scales: [E] float32, one scale per expert (per-channel: not supported yet).
+        expert_offsets: [E + 1] int64, rows of expert e are expert_offsets[e]:expert_offsets[e+1].
+        out_dtype: bfloat16 (the default; the only one supported).
+    Returns:
+        [M, N] bfloat16; rows at and past expert_offsets[-1] are not written.
+
+    Problem sizes, pointers and strides are built on the device from expert_offsets: no host sync,
+    CUDA-graph capturable; experts with no rows cost nothing.
+    """
+    return _ops.cutlass_grouped_gemm_fp8(a, b, a_scales, b_scales, expert_offsets, out_dtype)
+
+
+def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                    w1_scale: Tensor, w2_scale: Tensor, a1_scale: Optional[Tensor] = None,
+                    a2_scale: Optional[Tensor] = None, per_act_token: bool = False, per_out_ch: bool = False,
+                    expert_map: Optional[Tensor] = None, num_local_experts: int = -1,
+                    apply_router_weight_on_input: bool = False) -> Tensor:
+    """The FP8 expert computation of an MoE layer (SwiGLU experts).
+
+    quantize(hidden) -> moe_permute -> grouped GEMM with w1 -> silu(gate) * up + quantize ->
+    grouped GEMM with w2 -> moe_unpermute with topk_weights.
+
+    Args:
+        hidden_states: [T, H] bfloat16 or float16.
+        w1: [E_local, 2I, H] float8_e4m3fn, rows 0..I-1 gate and I..2I-1 up (vLLM's w13).
+        w2: [E_local, H, I] float8_e4m3fn.
+        topk_weights: [T, K] float32; topk_ids: [T, K] int32/int64 global expert ids.
+        w1_scale, w2_scale: [E_local] float32 per-expert weight scales.
+        a1_scale, a2_scale: [1] float32 static activation scales, or None for dynamic per-tensor
+            scales computed on the device. With expert_map, a2_scale is required.
+        per_act_token, per_out_ch: per-token / per-channel scales (not supported yet: raise).
+        expert_map: [E] int32 global -> local expert or -1 (expert parallelism); other experts'
+            choices contribute nothing.
+        num_local_experts: -1 or E_local.
+        apply_router_weight_on_input: multiply the input by the weight (top-1 only) instead of the
+            output.
+    Returns:
+        [T, H], hidden_states' dtype.
+    """
+    return _ops.cutlass_moe_fp8(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale,
+                                a2_scale, per_act_token, per_out_ch, expert_map, num_local_experts,
+                                apply_router_weight_on_input)
+
+
+@torch.library.register_fake("moe_kernels::cutlass_grouped_gemm_fp8")
+def _(a, b, a_scales, b_scales, expert_offsets, out_dtype=None):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("moe_kernels::cutlass_moe_fp8")
+def _(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale=None, a2_scale=None,
+      per_act_token=False, per_out_ch=False, expert_map=None, num_local_experts=-1,
+      apply_router_weight_on_input=False):
+    return torch.empty_like(hidden_states)
