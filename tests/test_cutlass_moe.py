@@ -21,9 +21,11 @@ def make_layer(T, E, K, H, I, device="cpu"):
 
 
 def fake_quant(v, scale=None):
-    """e4m3 round trip with a per-tensor scale (amax / 448 when not given), as the layer quantizes."""
-    scale = v.abs().max().clamp(min=1e-12) / 448 if scale is None else scale
-    return (v / scale).clamp(-448, 448).to(torch.float8_e4m3fn).double() * scale
+    """e4m3 round trip with a per-tensor scale (amax / 448 when not given), computed in fp32 as the
+    layer's quantization does (times the reciprocal of the scale)."""
+    scale = (v.abs().max().float() / 448) if scale is None else torch.tensor(scale, dtype=torch.float32)
+    q = (v.float() * (1 / scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.double() * scale.double()
 
 
 def reference(x, w1_q, w2_q, w, ids, w1_s, w2_s, local=None, a1=None, a2=None):
@@ -37,9 +39,12 @@ def reference(x, w1_q, w2_q, w, ids, w1_s, w2_s, local=None, a1=None, a2=None):
     xq = fake_quant(x, None if a1 is None else a1.item())
     I = w2.shape[2]
     experts = [e for e in ids.unique().tolist() if local is None or e in local]
-    hs = {e: xq[(ids == e).nonzero(as_tuple=True)[0]] @ w1[e].t() for e in experts}
+    # GEMM1's output is bf16 in the layer: round h the same way before the activation.
+    hs = {e: (xq[(ids == e).nonzero(as_tuple=True)[0]] @ w1[e].t()).to(torch.bfloat16).double() for e in experts}
     ys = {e: F.silu(h[:, :I]) * h[:, I:] for e, h in hs.items()}
-    a2 = torch.cat(list(ys.values())).abs().max() / 448 if a2 is None else a2.item()
+    a2 = None if a2 is None else a2.item()
+    if a2 is None:  # the dynamic scale spans every row computed here
+        a2 = (torch.cat(list(ys.values())).abs().max().float() / 448).item()
     out = torch.zeros_like(x)
     for e in experts:
         t, k = (ids == e).nonzero(as_tuple=True)
