@@ -5,6 +5,7 @@
 #   bash scripts/gpu-check.sh                 # everything
 #   STAGES="build test" bash scripts/gpu-check.sh
 #   BENCH="bench/bench_permute.py" PYTEST_ARGS="-k permute" bash scripts/gpu-check.sh
+#   (PYTEST_ARGS is split on spaces: write -k expressions without spaces, e.g. -k gemm)
 #
 # Where the machine lacks the CUTLASS headers, stage the nvidia-cutlass wheel in .whl/ first
 # (../shared/gpu/stage-wheels.sh); this script installs .whl/*.whl into /tmp/site when present.
