@@ -31,4 +31,20 @@ size_t grouped_gemm_fp8_workspace_bytes(int sm_count);
 // Returns an empty string on success, else what went wrong (CUTLASS status or CUDA error).
 const char* launch_grouped_gemm_fp8(const GroupedGemmFp8Args& args, cudaStream_t stream);
 
+// In place on the GEMM's bf16 output (computed with unit scales): out[r, c] *= a_scale[r or 0] *
+// b_scale[e(r), c or 0], for rows r < expert_offsets[E]; e(r) is r's expert.
+struct GroupedGemmScaleArgs {
+  void* out;                     // [m, n] bf16
+  const float* a_scale;          // [m] per token, or [1]
+  const float* b_scale;          // [E, n] per channel, or [E]
+  const int64_t* expert_offsets; // [E+1]
+  int64_t m;
+  int n;
+  int num_experts;
+  bool a_per_token;
+  bool b_per_channel;
+};
+
+const char* launch_grouped_gemm_apply_scales(const GroupedGemmScaleArgs& args, cudaStream_t stream);
+
 }  // namespace moe_kernels
