@@ -105,7 +105,8 @@ def test_cuda_expert_map_per_token():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("T,E,K,H,I", [(256, 16, 4, 512, 256), (1000, 64, 8, 1024, 256), (0, 8, 2, 256, 128)])
+@pytest.mark.parametrize("T,E,K,H,I", [(256, 16, 4, 512, 256), (1000, 64, 8, 1024, 256), (1000, 8, 4, 256, 128),
+                                       (0, 8, 2, 256, 128)])
 def test_cuda_layer_matches_reference(T, E, K, H, I):
     x, w1, w2, w, ids, w1_s, w2_s = make_layer(T, E, K, H, I, "cuda")
     out = moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, w1_s, w2_s)

@@ -36,9 +36,10 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
   const bool fused_scales = a_scales.numel() == 1 && b_scales.numel() == E;
   const at::Tensor a_s = fused_scales ? a_scales : at::ones({1}, a_scales.options());
   const at::Tensor b_s = fused_scales ? b_scales : at::ones({E}, b_scales.options());
+  const GroupedGemmFp8Kernel& kernel = select_grouped_gemm_fp8(a.size(0) / E);
   auto bytes = a.options().dtype(at::kByte);
-  at::Tensor scratch = at::empty({static_cast<int64_t>(grouped_gemm_fp8_scratch_bytes(E))}, bytes);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(grouped_gemm_fp8_workspace_bytes(sms)) + 1}, bytes);
+  at::Tensor scratch = at::empty({static_cast<int64_t>(kernel.scratch_bytes(E))}, bytes);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.workspace_bytes(sms)) + 1}, bytes);
   GroupedGemmFp8Args args{a.data_ptr(),
                           b.data_ptr(),
                           a_s.data_ptr<float>(),
@@ -51,7 +52,7 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
                           scratch.data_ptr(),
                           workspace.data_ptr(),
                           sms};
-  const char* err = launch_grouped_gemm_fp8(args, current_stream());
+  const char* err = kernel.launch(args, current_stream());
   TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8: ", err);
   if (!fused_scales) {
     GroupedGemmScaleArgs sargs{out.data_ptr(),
