@@ -53,13 +53,15 @@ def bench_gemm(name, E, M, N, K, offsets, peak):
     ours = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, offsets), [()])
     row = {"gemm": name, "M": M, "N": N, "K": K, "us": ours * 1e6, "TFLOPs": flops / ours / 1e12,
            "frac_fp8_peak": flops / ours / peak}
+    sa, sb = torch.ones(M, device="cuda"), torch.ones(E, N, device="cuda")
+    rowwise = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(a, b, sa, sb, offsets), [()])
+    row.update({"rowwise_us": rowwise * 1e6, "rowwise_TFLOPs": flops / rowwise / 1e12})
     try:  # the peer: rowwise scales, int32 cumulative row ends
-        sa, sb = torch.ones(M, device="cuda"), torch.ones(E, N, device="cuda")
         offs = offsets[1:].to(torch.int32)
         bt = b.transpose(1, 2)
         peer = harness.time_per_call(lambda: torch._scaled_grouped_mm(a, bt, sa, sb, offs=offs, out_dtype=torch.bfloat16,
                                                                       use_fast_accum=True), [()])
-        row.update({"torch_us": peer * 1e6, "speedup": peer / ours})
+        row.update({"torch_us": peer * 1e6, "speedup": peer / ours, "speedup_rowwise": peer / rowwise})
     except Exception as e:  # noqa: BLE001 - report, keep benchmarking
         row["torch_error"] = str(e).splitlines()[0][:60]
     return row
@@ -126,8 +128,8 @@ def main():
             if not args.no_layer and T in LAYER_TOKENS:
                 layer_rows.append(bench_layer(name, E, topk, H, I, T, pair))
             torch.cuda.empty_cache()
-    harness.print_table(gemm_rows, ["gemm", "T", "M", "N", "K", "us", "TFLOPs", "frac_fp8_peak", "torch_us",
-                                    "speedup", "torch_error"])
+    harness.print_table(gemm_rows, ["gemm", "T", "M", "N", "K", "us", "TFLOPs", "frac_fp8_peak", "rowwise_us",
+                                    "rowwise_TFLOPs", "torch_us", "speedup", "speedup_rowwise", "torch_error"])
     if layer_rows:
         harness.print_table(layer_rows, ["layer", "T", "us", "gemm_share", "torch_bf16_us", "speedup_vs_bf16",
                                          "torch_error"])

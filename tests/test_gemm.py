@@ -23,13 +23,25 @@ def make_problem(counts, N, K, device="cpu"):
 
 
 def formula(a, b, a_scale, b_scale, offsets):
-    """Each expert's rows times its dequantized weight, in float64."""
+    """Each expert's rows times its dequantized weight, in float64; a_scale [1] or [M] / [M, 1],
+    b_scale [E] or [E, N]."""
+    a, b, a_scale, b_scale = a.double().cpu(), b.double().cpu(), a_scale.double().cpu(), b_scale.double().cpu()
     out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64)
     off = offsets.tolist()
+    sa = a_scale.reshape(-1, 1).expand(a.shape[0], 1)
+    sb = b_scale.reshape(b.shape[0], -1)  # [E, 1] or [E, N]
     for e in range(b.shape[0]):
-        rows = a[off[e]:off[e + 1]].double().cpu() * a_scale.item()
-        out[off[e]:off[e + 1]] = rows @ (b[e].double().cpu() * b_scale[e].item()).t()
+        rows = a[off[e]:off[e + 1]] * sa[off[e]:off[e + 1]]
+        out[off[e]:off[e + 1]] = rows @ (b[e] * sb[e].reshape(-1, 1)).t()
     return out
+
+
+def per_token_per_channel(a, b, a_s, b_s, a_shape):
+    """The same data with per-token a scales (shape a_shape) and per-channel b scales [E, N]."""
+    M, E, N = a.shape[0], b.shape[0], b.shape[1]
+    a_tok = (a_s.reshape(1) * (0.5 + torch.rand(M, device=a.device))).reshape(a_shape)
+    b_ch = b_s.reshape(E, 1) * (0.5 + torch.rand(E, N, device=a.device))
+    return a_tok, b_ch
 
 
 SHAPES = [  # (rows per expert, N, K)
@@ -37,6 +49,7 @@ SHAPES = [  # (rows per expert, N, K)
     ([0, 0, 300, 0], 64, 512),          # one expert takes every row
     ([3, 1], 8, 16),                     # smallest aligned N and K
     ([129, 257, 0], 384, 4096),          # M not a multiple of the tile, long K
+    ([700, 0, 333, 9], 256, 256),        # many rows per expert (both configurations are covered above)
 ]
 
 
@@ -57,6 +70,24 @@ def test_cuda_matches_formula(counts, N, K):
     out = moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, off)
     assert not out.isnan().any()
     assert rel_error(out.cpu(), formula(a, b, a_s, b_s, off)) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("counts,N,K", SHAPES)
+@pytest.mark.parametrize("a_shape", ["tensor", "token", "token2d"])
+@pytest.mark.parametrize("b_kind", ["expert", "channel"])
+def test_scale_granularities(device, counts, N, K, a_shape, b_kind):
+    a, b, a_s, b_s, off = make_problem(counts, N, K, device)
+    M = a.shape[0]
+    a_tok, b_ch = per_token_per_channel(a, b, a_s, b_s, (M,) if a_shape == "token" else (M, 1))
+    a_sc = a_s if a_shape == "tensor" else a_tok
+    b_sc = b_s if b_kind == "expert" else b_ch
+    if device == "cuda":
+        poison_cuda_allocator(0xFF)
+    out = moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_sc, b_sc, off)
+    assert not out.isnan().any()
+    # bf16 output (and, for per-token/per-channel on CUDA, a second bf16 rounding): < 1e-2.
+    assert rel_error(out.cpu(), formula(a, b, a_sc, b_sc, off)) < 1e-2
 
 
 @pytest.mark.cuda
@@ -93,10 +124,12 @@ def test_rejects_bad_arguments(device):
         gemm(a, b[:, :12].contiguous(), a_s, b_s, off)
     with pytest.raises(RuntimeError, match="a must be float8_e4m3fn, got BFloat16"):
         gemm(a.to(torch.bfloat16), b, a_s, b_s, off)
-    with pytest.raises(RuntimeError, match="per-token scales are not supported yet"):
-        gemm(a, b, torch.ones(8, device=device), b_s, off)
-    with pytest.raises(RuntimeError, match="per-channel scales are not supported yet"):
-        gemm(a, b, a_s, torch.ones(2, 16, device=device), off)
+    with pytest.raises(RuntimeError, match=r"a_scales must be \[1\] \(per tensor\) or \[M\] / \[M, 1\]"):
+        gemm(a, b, torch.ones(7, device=device), b_s, off)
+    with pytest.raises(RuntimeError, match=r"b_scales must be \[E\] = \[2\] \(per expert\) or \[E, N\]"):
+        gemm(a, b, a_s, torch.ones(2, 8, device=device), off)
+    with pytest.raises(RuntimeError, match=r"expert_offsets must have shape \[4\]"):
+        gemm(a, torch.cat([b, b[:1]]), a_s, b_s, off)  # mismatched E
     with pytest.raises(RuntimeError, match=r"expert_offsets must have shape \[3\]"):
         gemm(a, b, a_s, b_s, off[:2])
     with pytest.raises(RuntimeError, match="b must have K=32 columns"):

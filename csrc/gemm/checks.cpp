@@ -25,11 +25,16 @@ void check_grouped_gemm_fp8_args(const at::Tensor& a, const at::Tensor& b, const
   TORCH_CHECK(a_scales.scalar_type() == at::kFloat && b_scales.scalar_type() == at::kFloat, op,
               ": a_scales and b_scales must be float32, got ", a_scales.scalar_type(), " and ",
               b_scales.scalar_type());
-  TORCH_CHECK(a_scales.numel() == 1, op, ": a_scales must hold one per-tensor scale ([1]); per-token scales ",
-              "are not supported yet, got shape ", a_scales.sizes());
-  TORCH_CHECK(b_scales.numel() == E && (b_scales.dim() == 1 || (b_scales.dim() == 2 && b_scales.size(1) == 1)), op,
-              ": b_scales must hold one scale per expert ([E] = [", E, "]); per-channel scales are not supported ",
-              "yet, got shape ", b_scales.sizes());
+  const int64_t M = a.size(0);
+  TORCH_CHECK(a_scales.numel() == 1 || (a_scales.numel() == M && (a_scales.dim() == 1 ||
+                                                                   (a_scales.dim() == 2 && a_scales.size(1) == 1))),
+              op, ": a_scales must be [1] (per tensor) or [M] / [M, 1] (per token, M=", M, "), got shape ",
+              a_scales.sizes());
+  const int64_t N = b.size(1);
+  const bool b_per_expert = b_scales.numel() == E && (b_scales.dim() == 1 || (b_scales.dim() == 2 && b_scales.size(1) == 1));
+  const bool b_per_channel = b_scales.dim() == 2 && b_scales.size(0) == E && b_scales.size(1) == N;
+  TORCH_CHECK(b_per_expert || b_per_channel, op, ": b_scales must be [E] = [", E, "] (per expert) or [E, N] = [", E,
+              ", ", N, "] (per output channel), got shape ", b_scales.sizes());
   TORCH_CHECK(!out_dtype || *out_dtype == at::kBFloat16, op, ": out_dtype must be bfloat16, got ", *out_dtype);
   for (const at::Tensor* t : {&b, &a_scales, &b_scales, &expert_offsets}) {
     TORCH_CHECK(t->device() == a.device(), op, ": every tensor must be on ", a.device(), ", got ", t->device());

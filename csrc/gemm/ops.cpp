@@ -31,13 +31,19 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
   auto out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
   if (a.size(0) == 0 || E == 0) return out;
   const int sms = sm_count(a.get_device());
+  // Per-tensor scales ride in the epilogue as one alpha per expert; per-token / per-channel scales
+  // are applied by a second, in-place pass over the output (gemm/apply_scales.cu).
+  const bool fused_scales = a_scales.numel() == 1 && b_scales.numel() == E;
+  const at::Tensor a_s = fused_scales ? a_scales : at::ones({1}, a_scales.options());
+  const at::Tensor b_s = fused_scales ? b_scales : at::ones({E}, b_scales.options());
+  const GroupedGemmFp8Kernel& kernel = select_grouped_gemm_fp8(a.size(0) / E);
   auto bytes = a.options().dtype(at::kByte);
-  at::Tensor scratch = at::empty({static_cast<int64_t>(grouped_gemm_fp8_scratch_bytes(E))}, bytes);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(grouped_gemm_fp8_workspace_bytes(sms)) + 1}, bytes);
+  at::Tensor scratch = at::empty({static_cast<int64_t>(kernel.scratch_bytes(E))}, bytes);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.workspace_bytes(sms)) + 1}, bytes);
   GroupedGemmFp8Args args{a.data_ptr(),
                           b.data_ptr(),
-                          a_scales.data_ptr<float>(),
-                          b_scales.data_ptr<float>(),
+                          a_s.data_ptr<float>(),
+                          b_s.data_ptr<float>(),
                           expert_offsets.data_ptr<int64_t>(),
                           out.data_ptr(),
                           E,
@@ -46,8 +52,21 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
                           scratch.data_ptr(),
                           workspace.data_ptr(),
                           sms};
-  const char* err = launch_grouped_gemm_fp8(args, current_stream());
+  const char* err = kernel.launch(args, current_stream());
   TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8: ", err);
+  if (!fused_scales) {
+    GroupedGemmScaleArgs sargs{out.data_ptr(),
+                               a_scales.data_ptr<float>(),
+                               b_scales.data_ptr<float>(),
+                               expert_offsets.data_ptr<int64_t>(),
+                               a.size(0),
+                               static_cast<int>(b.size(1)),
+                               E,
+                               a_scales.numel() != 1,
+                               b_scales.numel() != E};
+    err = launch_grouped_gemm_apply_scales(sargs, current_stream());
+    TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8: ", err);
+  }
   return out;
 }
 
@@ -59,14 +78,17 @@ at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& b, const 
   const int64_t E = b.size(0);
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
   const int64_t* off = expert_offsets.data_ptr<int64_t>();
-  const float a_scale = a_scales.reshape({-1})[0].item<float>();
-  const at::Tensor bs = b_scales.reshape({-1});
+  // a_scale: [1, 1] or [M, 1]; b_scale of expert e: [1] or [N] (broadcast over rows).
+  const at::Tensor as = a_scales.reshape({-1, 1});
+  const bool per_token = a_scales.numel() != 1;
+  const bool per_channel = b_scales.numel() != E;
   for (int64_t e = 0; e < E; ++e) {
     if (off[e + 1] <= off[e]) continue;
     const at::Tensor rows = a.slice(0, off[e], off[e + 1]).to(at::kFloat);
     const at::Tensor w = b[e].to(at::kFloat);
-    const float scale = a_scale * bs[e].item<float>();
-    out.slice(0, off[e], off[e + 1]).copy_(at::matmul(rows, w.t()).mul_(scale));
+    const at::Tensor sa = per_token ? as.slice(0, off[e], off[e + 1]) : as;
+    const at::Tensor sb = per_channel ? b_scales[e] : b_scales.reshape({-1}).slice(0, e, e + 1);
+    out.slice(0, off[e], off[e + 1]).copy_(at::matmul(rows, w.t()).mul_(sa).mul_(sb));
   }
   return out;
 }

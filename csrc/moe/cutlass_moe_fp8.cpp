@@ -19,8 +19,6 @@ at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tenso
                                 const std::optional<at::Tensor>& expert_map, int64_t num_local_experts,
                                 bool apply_router_weight_on_input) {
   const char* op = "cutlass_moe_fp8";
-  TORCH_CHECK(!per_act_token, op, ": per-token activation scales are not supported yet (per_act_token=True)");
-  TORCH_CHECK(!per_out_ch, op, ": per-output-channel weight scales are not supported yet (per_out_ch=True)");
   TORCH_CHECK(hidden_states.dim() == 2, op, ": hidden_states must be 2-D [T, H], got shape ", hidden_states.sizes());
   TORCH_CHECK(hidden_states.scalar_type() == at::kBFloat16 || hidden_states.scalar_type() == at::kHalf, op,
               ": hidden_states must be bfloat16 or float16, got ", hidden_states.scalar_type());
@@ -41,9 +39,11 @@ at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tenso
     num_experts = expert_map->size(0);
     TORCH_CHECK(num_local_experts == -1 || num_local_experts == E_local, op, ": num_local_experts must be -1 or ",
                 E_local, " (w1.size(0)), got ", num_local_experts);
-    // Rows of other ranks' experts are never computed, so a dynamic scale of GEMM1's output
-    // would include rows nobody wrote: the second quantization needs a static scale here.
-    TORCH_CHECK(a2_scale.has_value(), op, ": with expert_map, a2_scale (static) is required");
+    // Rows of other ranks' experts are never computed, so a dynamic per-tensor scale of GEMM1's
+    // output would include rows nobody wrote: the second quantization needs a static or a
+    // per-token scale here.
+    TORCH_CHECK(a2_scale.has_value() || per_act_token, op,
+                ": with expert_map, a2_scale (static) or per_act_token=True is required");
   }
 
   at::Tensor x = hidden_states;
@@ -54,13 +54,25 @@ at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tenso
     weights = at::ones_like(topk_weights, topk_weights.options().dtype(at::kFloat));
   }
 
-  // Quantize once per token, then move fp8 rows (half the bytes of bf16).
-  auto [x_q, a1s] = scaled_fp8_quant(x, a1_scale, false);
+  // Weight scales: [E] per expert, or [E, N] per output channel (as [E, N] or [E, N, 1]).
+  const at::Tensor w1s = per_out_ch ? w1_scale.reshape({E_local, -1}) : w1_scale.reshape({-1});
+  const at::Tensor w2s = per_out_ch ? w2_scale.reshape({E_local, -1}) : w2_scale.reshape({-1});
+  TORCH_CHECK(w1s.numel() == (per_out_ch ? 2 * I : 1) * E_local && w2s.numel() == (per_out_ch ? H : 1) * E_local,
+              op, ": w1_scale and w2_scale must be [E] per expert, or [E, 2I] and [E, H] with per_out_ch, got ",
+              w1_scale.sizes(), " and ", w2_scale.sizes());
+
+  // Quantize once per token, then move fp8 rows (half the bytes of bf16); a per-token scale
+  // follows its row (row r of the permuted tensor comes from token permuted_idx[r] / K).
+  auto [x_q, a1s] = scaled_fp8_quant(x, a1_scale, per_act_token);
   auto [permuted, offsets, inv, perm] =
       moe_permute(x_q, topk_ids, num_experts, expert_map, expert_map ? E_local : -1, 0);
-  at::Tensor h1 = cutlass_grouped_gemm_fp8(permuted, w1, a1s, w1_scale.reshape({-1}), offsets);  // [M, 2I]
-  auto [y_q, a2s] = silu_and_mul_quant_fp8(h1, a2_scale, false);                                    // [M, I]
-  at::Tensor h2 = cutlass_grouped_gemm_fp8(y_q, w2, a2s, w2_scale.reshape({-1}), offsets);          // [M, H]
+  if (a1s.numel() != 1) {
+    const at::Tensor token = perm.clamp_min(0).div(topk_ids.size(1), "floor").to(at::kLong);
+    a1s = a1s.reshape({-1}).index_select(0, token);  // unused rows (perm -1) borrow token 0's scale
+  }
+  at::Tensor h1 = cutlass_grouped_gemm_fp8(permuted, w1, a1s, w1s, offsets);  // [M, 2I]
+  auto [y_q, a2s] = silu_and_mul_quant_fp8(h1, a2_scale, per_act_token);       // [M, I]
+  at::Tensor h2 = cutlass_grouped_gemm_fp8(y_q, w2, a2s, w2s, offsets);        // [M, H]
   return moe_unpermute(h2, weights, inv).to(hidden_states.scalar_type());
 }
 

@@ -10,20 +10,24 @@ _ops = torch.ops.moe_kernels
 
 def cutlass_grouped_gemm_fp8(a: Tensor, b: Tensor, a_scales: Tensor, b_scales: Tensor, expert_offsets: Tensor,
                              out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Grouped GEMM over experts: ``out[rows of e] = a_scale * b_scales[e] * a[rows of e] @ b[e].T``.
+    """Grouped GEMM over experts: ``out[r, c] = a_scale[r] * b_scale[e, c] * (a[r] @ b[e, c])`` for
+    the rows r of expert e (a scale broadcasts where it is per tensor / per expert).
 
     Args:
         a: [M, K] float8_e4m3fn, rows grouped by expert (as moe_permute leaves them); K % 16 == 0.
         b: [E, N, K] float8_e4m3fn, each expert's weight [N, K] row-major; N % 8 == 0.
-        a_scales: [1] float32, per-tensor activation scale (per-token: not supported yet).
-        b_scales: [E] float32, one scale per expert (per-channel: not supported yet).
+        a_scales: [1] float32 per tensor, or [M] / [M, 1] per token (row).
+        b_scales: [E] float32 per expert, or [E, N] per output channel.
         expert_offsets: [E + 1] int64, rows of expert e are expert_offsets[e]:expert_offsets[e+1].
         out_dtype: bfloat16 (the default; the only one supported).
     Returns:
         [M, N] bfloat16; rows at and past expert_offsets[-1] are not written.
 
     Problem sizes, pointers and strides are built on the device from expert_offsets: no host sync,
-    CUDA-graph capturable; experts with no rows cost nothing.
+    CUDA-graph capturable; experts with no rows cost nothing. Per-tensor scales are applied in
+    the CUTLASS epilogue (one alpha per expert); per-token / per-channel scales by a second
+    in-place pass over the bf16 output (the GEMM runs with unit scales), which costs one more read
+    and write of the output and a second bf16 rounding.
     """
     return _ops.cutlass_grouped_gemm_fp8(a, b, a_scales, b_scales, expert_offsets, out_dtype)
 
@@ -43,10 +47,14 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
         w1: [E_local, 2I, H] float8_e4m3fn, rows 0..I-1 gate and I..2I-1 up (vLLM's w13).
         w2: [E_local, H, I] float8_e4m3fn.
         topk_weights: [T, K] float32; topk_ids: [T, K] int32/int64 global expert ids.
-        w1_scale, w2_scale: [E_local] float32 per-expert weight scales.
-        a1_scale, a2_scale: [1] float32 static activation scales, or None for dynamic per-tensor
-            scales computed on the device. With expert_map, a2_scale is required.
-        per_act_token, per_out_ch: per-token / per-channel scales (not supported yet: raise).
+        w1_scale, w2_scale: [E_local] float32 per-expert weight scales, or with per_out_ch
+            per-output-channel scales [E_local, 2I] and [E_local, H] (a trailing 1 is allowed).
+        a1_scale, a2_scale: [1] float32 static activation scales, or None for dynamic scales
+            computed on the device (per tensor, or per token with per_act_token). With expert_map,
+            a2_scale or per_act_token is required (a dynamic per-tensor scale would span rows
+            that no local expert computes).
+        per_act_token: dynamic per-token activation scales (ignored for a static scale).
+        per_out_ch: per-output-channel weight scales.
         expert_map: [E] int32 global -> local expert or -1 (expert parallelism); other experts'
             choices contribute nothing.
         num_local_experts: -1 or E_local.

@@ -1,7 +1,9 @@
-// The FP8 grouped GEMM of the MoE experts: one CUTLASS 3.x configuration for sm90a (ptr-array,
-// TMA, warp-specialized cooperative, FP8 fast accumulation), bf16 output, a per-expert alpha in
-// the epilogue. The per-expert pointers, strides and problem sizes are written by a small kernel
-// from expert_offsets, so nothing is read on the host (graph-capturable, no sync).
+// The FP8 grouped GEMM of the MoE experts, as a template over one CUTLASS 3.x configuration for
+// sm90a (ptr-array, TMA, warp-specialized, FP8 fast accumulation), bf16 output, a per-expert alpha
+// in the epilogue. Each configuration is instantiated in its own .cu file (grouped_gemm_fp8_*.cu).
+// The per-expert pointers, strides and problem sizes are written by a small kernel from
+// expert_offsets, so nothing is read on the host (graph-capturable, no sync).
+#pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
@@ -15,9 +17,18 @@
 #include "gemm/launchers.h"
 
 namespace moe_kernels {
-namespace {
+namespace grouped_gemm_fp8 {
 
 using namespace cute;
+
+// One configuration: tile (M, N, K), cluster, kernel and epilogue schedules.
+template <class TileShape_, class ClusterShape_, class KernelSchedule_, class EpilogueSchedule_>
+struct Config {
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
+  using KernelSchedule = KernelSchedule_;
+  using EpilogueSchedule = EpilogueSchedule_;
+};
 
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M_e, N, K) per expert
 using ElementA = cutlass::float_e4m3_t;
@@ -31,11 +42,37 @@ constexpr int kAlignA = 16;                    // 16 bytes of e4m3: K must be a 
 constexpr int kAlignB = 16;
 constexpr int kAlignD = 8;                     // 16 bytes of bf16: N must be a multiple of 8
 
-// 128x128x128 tiles, cooperative (two consumer warpgroups), 1x2 clusters (B tiles multicast).
-using TileShape = Shape<_128, _128, _128>;
-using ClusterShape = Shape<_1, _2, _1>;
-using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8FastAccum;
-using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+constexpr size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+// Writes expert e's problem size, pointers, strides and alpha (one thread per expert).
+template <class K>
+__global__ void build_grouped_args_kernel(GroupedGemmFp8Args a, typename K::Scratch s) {
+  using UnderlyingShape = typename K::UnderlyingShape;
+  using StrideA = typename K::StrideA;
+  using StrideB = typename K::StrideB;
+  using StrideD = typename K::StrideD;
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= a.num_experts) return;
+  const int64_t row0 = a.expert_offsets[e];
+  const int m = static_cast<int>(a.expert_offsets[e + 1] - row0);
+  s.problem_sizes[e] = UnderlyingShape{m, a.n, a.k};
+  s.ptr_a[e] = static_cast<const ElementA*>(a.a) + row0 * a.k;
+  s.ptr_b[e] = static_cast<const ElementB*>(a.b) + static_cast<int64_t>(e) * a.n * a.k;
+  s.ptr_d[e] = static_cast<ElementD*>(a.out) + row0 * a.n;
+  s.stride_a[e] = cutlass::make_cute_packed_stride(StrideA{}, {m, a.k, 1});
+  s.stride_b[e] = cutlass::make_cute_packed_stride(StrideB{}, {a.n, a.k, 1});
+  s.stride_d[e] = cutlass::make_cute_packed_stride(StrideD{}, {m, a.n, 1});
+  s.alpha[e] = a.a_scale[0] * a.b_scale[e];
+  s.ptr_alpha[e] = s.alpha + e;
+}
+
+// The kernel of one configuration, its scratch layout and its launch.
+template <class Cfg>
+struct Kernel {
+using TileShape = typename Cfg::TileShape;
+using ClusterShape = typename Cfg::ClusterShape;
+using KernelSchedule = typename Cfg::KernelSchedule;
+using EpilogueSchedule = typename Cfg::EpilogueSchedule;
 
 using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -71,9 +108,7 @@ struct Scratch {
   const float** ptr_alpha;
 };
 
-constexpr size_t align256(size_t x) { return (x + 255) / 256 * 256; }
-
-Scratch carve(void* base, int E) {
+static Scratch carve(void* base, int E) {
   auto* p = static_cast<char*>(base);
   Scratch s;
   auto take = [&](auto*& field, size_t elem) {
@@ -92,23 +127,7 @@ Scratch carve(void* base, int E) {
   return s;
 }
 
-__global__ void build_grouped_args_kernel(GroupedGemmFp8Args a, Scratch s) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= a.num_experts) return;
-  const int64_t row0 = a.expert_offsets[e];
-  const int m = static_cast<int>(a.expert_offsets[e + 1] - row0);
-  s.problem_sizes[e] = UnderlyingShape{m, a.n, a.k};
-  s.ptr_a[e] = static_cast<const ElementA*>(a.a) + row0 * a.k;
-  s.ptr_b[e] = static_cast<const ElementB*>(a.b) + static_cast<int64_t>(e) * a.n * a.k;
-  s.ptr_d[e] = static_cast<ElementD*>(a.out) + row0 * a.n;
-  s.stride_a[e] = cutlass::make_cute_packed_stride(StrideA{}, {m, a.k, 1});
-  s.stride_b[e] = cutlass::make_cute_packed_stride(StrideB{}, {a.n, a.k, 1});
-  s.stride_d[e] = cutlass::make_cute_packed_stride(StrideD{}, {m, a.n, 1});
-  s.alpha[e] = a.a_scale[0] * a.b_scale[e];
-  s.ptr_alpha[e] = s.alpha + e;
-}
-
-typename Gemm::Arguments make_arguments(const GroupedGemmFp8Args& a, const Scratch& s) {
+static typename Gemm::Arguments make_arguments(const GroupedGemmFp8Args& a, const Scratch& s) {
   cutlass::KernelHardwareInfo hw;
   hw.device_id = 0;
   hw.sm_count = a.sm_count;
@@ -131,15 +150,13 @@ typename Gemm::Arguments make_arguments(const GroupedGemmFp8Args& a, const Scrat
   return args;
 }
 
-}  // namespace
-
-size_t grouped_gemm_fp8_scratch_bytes(int E) {
+static size_t scratch_bytes(int E) {
   return align256(sizeof(UnderlyingShape) * E) + 3 * align256(sizeof(void*) * E) + align256(sizeof(StrideA) * E) +
          align256(sizeof(StrideB) * E) + align256(sizeof(StrideD) * E) + align256(sizeof(float) * E) +
          align256(sizeof(void*) * E);
 }
 
-size_t grouped_gemm_fp8_workspace_bytes(int sm_count) {
+static size_t workspace_bytes(int sm_count) {
   GroupedGemmFp8Args a{};
   a.sm_count = sm_count;
   a.num_experts = 1;
@@ -147,10 +164,10 @@ size_t grouped_gemm_fp8_workspace_bytes(int sm_count) {
   return Gemm::get_workspace_size(make_arguments(a, s));
 }
 
-const char* launch_grouped_gemm_fp8(const GroupedGemmFp8Args& a, cudaStream_t stream) {
+static const char* launch(const GroupedGemmFp8Args& a, cudaStream_t stream) {
   if (a.num_experts == 0) return "";
   const Scratch s = carve(a.scratch, a.num_experts);
-  build_grouped_args_kernel<<<(a.num_experts + 127) / 128, 128, 0, stream>>>(a, s);
+  build_grouped_args_kernel<Kernel><<<(a.num_experts + 127) / 128, 128, 0, stream>>>(a, s);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return cudaGetErrorString(err);
   Gemm gemm;
   const auto args = make_arguments(a, s);
@@ -160,5 +177,7 @@ const char* launch_grouped_gemm_fp8(const GroupedGemmFp8Args& a, cudaStream_t st
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return cudaGetErrorString(err);
   return "";
 }
+};  // struct Kernel
 
+}  // namespace grouped_gemm_fp8
 }  // namespace moe_kernels
