@@ -9,7 +9,7 @@
 #include "ep/cpu_reference.h"
 #include "ep/launchers.h"
 #include "moe_kernels/ep.h"
-#include "permute/launchers.h"
+#include "permute/weighted_gather_glue.h"
 
 namespace moe_kernels {
 namespace cuda {
@@ -48,25 +48,7 @@ at::Tensor ep_post_reorder(const at::Tensor& down_output, const at::Tensor& src2
                            const at::Tensor& topk_weights, int64_t start_expert_id, int64_t end_expert_id) {
   const char* op = "ep_post_reorder";
   check_post_reorder_args(down_output, src2dst, topk_ids, topk_weights, start_expert_id, end_expert_id);
-  const c10::cuda::CUDAGuard guard(down_output.device());
-  auto out = at::empty({src2dst.size(0), down_output.size(1)}, down_output.options());
-  WeightedGatherArgs a{};
-  a.rows = down_output.data_ptr();
-  a.topk_weights = topk_weights.data_ptr();
-  a.weights_fp32 = topk_weights.scalar_type() == at::kFloat;
-  a.index = src2dst.data_ptr<int32_t>();
-  a.topk_ids = topk_ids.data_ptr();
-  a.ids_int64 = topk_ids.scalar_type() == at::kLong;
-  a.start_expert = start_expert_id;
-  a.end_expert = end_expert_id;
-  a.out = out.data_ptr();
-  a.dtype = to_dtype(down_output.scalar_type());
-  a.num_tokens = src2dst.size(0);
-  a.topk = static_cast<int>(src2dst.size(1));
-  a.hidden = down_output.size(1);
-  a.num_rows = down_output.size(0);
-  check_launch(launch_weighted_gather(a, current_stream()), op);
-  return out;
+  return weighted_gather(op, down_output, topk_weights, src2dst, topk_ids, start_expert_id, end_expert_id);
 }
 
 }  // namespace cuda

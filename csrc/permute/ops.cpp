@@ -8,6 +8,7 @@
 #include "permute/checks.h"
 #include "permute/cpu_reference.h"
 #include "permute/launchers.h"
+#include "permute/weighted_gather_glue.h"
 
 namespace moe_kernels {
 namespace cuda {
@@ -63,26 +64,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
   return {permuted, offsets, inv, perm};
 }
 
+at::Tensor weighted_gather(const char* op, const at::Tensor& rows, const at::Tensor& topk_weights,
+                           const at::Tensor& index, const std::optional<at::Tensor>& topk_ids, int64_t start_expert,
+                           int64_t end_expert) {
+  const c10::cuda::CUDAGuard guard(rows.device());
+  auto out = at::empty({index.size(0), rows.size(1)}, rows.options());
+  WeightedGatherArgs a{};
+  a.rows = rows.data_ptr();
+  a.topk_weights = topk_weights.data_ptr();
+  a.weights_fp32 = topk_weights.scalar_type() == at::kFloat;
+  a.index = index.data_ptr<int32_t>();
+  a.topk_ids = topk_ids ? topk_ids->data_ptr() : nullptr;
+  a.ids_int64 = topk_ids && topk_ids->scalar_type() == at::kLong;
+  a.start_expert = start_expert;
+  a.end_expert = end_expert;
+  a.out = out.data_ptr();
+  a.dtype = to_dtype(rows.scalar_type());
+  a.num_tokens = index.size(0);
+  a.topk = static_cast<int>(index.size(1));
+  a.hidden = rows.size(1);
+  a.num_rows = rows.size(0);
+  check_launch(launch_weighted_gather(a, current_stream()), op);
+  return out;
+}
+
 at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
                          const at::Tensor& inv_permuted_idx) {
   const char* op = "moe_unpermute";
   check_weighted_gather_args(op, "permuted", permuted, topk_weights, inv_permuted_idx, "inv_permuted_idx");
-  const c10::cuda::CUDAGuard guard(permuted.device());
-  auto out = at::empty({inv_permuted_idx.size(0), permuted.size(1)}, permuted.options());
-  WeightedGatherArgs a{};
-  a.rows = permuted.data_ptr();
-  a.topk_weights = topk_weights.data_ptr();
-  a.weights_fp32 = topk_weights.scalar_type() == at::kFloat;
-  a.index = inv_permuted_idx.data_ptr<int32_t>();
-  a.topk_ids = nullptr;
-  a.out = out.data_ptr();
-  a.dtype = to_dtype(permuted.scalar_type());
-  a.num_tokens = inv_permuted_idx.size(0);
-  a.topk = static_cast<int>(inv_permuted_idx.size(1));
-  a.hidden = permuted.size(1);
-  a.num_rows = permuted.size(0);
-  check_launch(launch_weighted_gather(a, current_stream()), op);
-  return out;
+  return weighted_gather(op, permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> compute_problem_sizes(const at::Tensor& expert_offsets, int64_t n, int64_t k,
