@@ -4,9 +4,12 @@ fp8 PyTorch layers, on the MoE shapes of Mixtral-8x7B, Qwen3-235B and DeepSeek-V
 FLOPs: 2*M*N*K per grouped GEMM (M = T*topk rows spread over E experts by random routing).
 Ceiling: the FP8 dense peak measured in the same run (torch._scaled_mm, 8192^3, fast accumulation).
 Run: python bench/bench_gemm.py [--no-layer]  (the layer is timed at T in LAYER_TOKENS)
+     python bench/bench_gemm.py --configs all --no-layer   (every compiled configuration, forced
+     through MOE_KERNELS_GEMM_CONFIG; build with -DMOE_KERNELS_GEMM_TRIAL=ON for the candidates)
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,27 +47,64 @@ def routed_offsets(T, topk, E):
     return offsets, ids.int()
 
 
-def bench_gemm(name, E, M, N, K, offsets, peak):
+def bench_gemm(name, E, M, N, K, offsets, peak, configs):
+    """Our GEMM with per-tensor and with rowwise (per-token x per-channel) scales, each compiled
+    configuration in `configs` (None: the automatic choice), and torch._scaled_grouped_mm with
+    rowwise scales on the same inputs."""
     a = torch.randn(M, K, device="cuda").to(FP8)
     b = torch.randn(E, N, K, device="cuda").to(FP8)
-    a_s = torch.ones(1, device="cuda")
-    b_s = torch.ones(E, device="cuda")
-    flops = 2 * M * N * K
-    ours = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, offsets), [()])
-    row = {"gemm": name, "M": M, "N": N, "K": K, "us": ours * 1e6, "TFLOPs": flops / ours / 1e12,
-           "frac_fp8_peak": flops / ours / peak}
+    a_s, b_s = torch.ones(1, device="cuda"), torch.ones(E, device="cuda")
     sa, sb = torch.ones(M, device="cuda"), torch.ones(E, N, device="cuda")
-    rowwise = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(a, b, sa, sb, offsets), [()])
-    row.update({"rowwise_us": rowwise * 1e6, "rowwise_TFLOPs": flops / rowwise / 1e12})
+    flops = 2 * M * N * K
+    rows = []
+    for config in configs:
+        if config:
+            os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
+        ours = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, offsets), [()])
+        rowwise = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(a, b, sa, sb, offsets), [()])
+        os.environ.pop("MOE_KERNELS_GEMM_CONFIG", None)
+        rows.append({"gemm": name, "config": config or "auto", "M": M, "N": N, "K": K, "us": ours * 1e6,
+                     "TFLOPs": flops / ours / 1e12, "frac_fp8_peak": flops / ours / peak,
+                     "rowwise_us": rowwise * 1e6, "rowwise_TFLOPs": flops / rowwise / 1e12})
     try:  # the peer: rowwise scales, int32 cumulative row ends
         offs = offsets[1:].to(torch.int32)
         bt = b.transpose(1, 2)
         peer = harness.time_per_call(lambda: torch._scaled_grouped_mm(a, bt, sa, sb, offs=offs, out_dtype=torch.bfloat16,
                                                                       use_fast_accum=True), [()])
-        row.update({"torch_us": peer * 1e6, "speedup": peer / ours, "speedup_rowwise": peer / rowwise})
+        for row in rows:
+            row.update({"torch_us": peer * 1e6, "speedup": peer / (row["us"] / 1e6),
+                        "speedup_rowwise": peer / (row["rowwise_us"] / 1e6)})
     except Exception as e:  # noqa: BLE001 - report, keep benchmarking
-        row["torch_error"] = str(e).splitlines()[0][:60]
-    return row
+        for row in rows:
+            row["torch_error"] = str(e).splitlines()[0][:60]
+    return rows
+
+
+def quant_rows(x):
+    """Per-row fp8 quantization in plain torch: (q, scale [rows])."""
+    s = (x.abs().amax(dim=1).float() / 448.0).clamp(min=1e-12)
+    return (x.float() / s[:, None]).clamp(-448, 448).to(FP8), s
+
+
+def torch_fp8_layer(x, w1, w2, s1, s2, w, ids, E):
+    """Plain permute, per-token quant, torch._scaled_grouped_mm (rowwise), silu*mul, requant,
+    torch._scaled_grouped_mm, unpermute: the fp8 layer a user writes from torch ops alone."""
+    T, K = ids.shape
+    order = torch.argsort(ids.view(-1), stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, ids.view(-1).long(), torch.ones_like(ids.view(-1)))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    xq, xs = quant_rows(x)
+    xs_rows = xq.index_select(0, order // K)
+    h = torch._scaled_grouped_mm(xs_rows, w1.transpose(1, 2), xs[order // K], s1, offs=offs,
+                                 out_dtype=torch.bfloat16, use_fast_accum=True)
+    I = w2.shape[2]
+    yq, ys = quant_rows(torch.nn.functional.silu(h[:, :I]) * h[:, I:])
+    o = torch._scaled_grouped_mm(yq, w2.transpose(1, 2), ys, s2, offs=offs, out_dtype=torch.bfloat16,
+                                 use_fast_accum=True)
+    out = torch.empty_like(o)
+    out[order] = o
+    return (out.view(T, K, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
 
 
 def torch_bf16_layer(x, w1, w2, w, ids, E):
@@ -84,19 +124,30 @@ def torch_bf16_layer(x, w1, w2, w, ids, E):
     return (out.view(T, K, -1).float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
 
 
-def bench_layer(name, E, topk, H, I, T, peak_rows):
+def bench_layer(name, E, topk, H, I, T):
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     w1 = (torch.randn(E, 2 * I, H, device="cuda") * 0.05).to(FP8)
     w2 = (torch.randn(E, H, I, device="cuda") * 0.05).to(FP8)
     s = torch.ones(E, device="cuda")
     a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.02], device="cuda")
-    _, ids = routed_offsets(T, topk, E)
+    offsets, ids = routed_offsets(T, topk, E)
     w = torch.rand(T, topk, device="cuda")
     ours = harness.time_per_call(lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2), [()])
     row = {"layer": name, "T": T, "us": ours * 1e6}
-    gemm_us = sum(r["us"] for r in peak_rows)
-    row["gemm_share"] = gemm_us / (ours * 1e6)
-    del w1, w2
+    # The two GEMMs alone, on this routing's row counts and the layer's per-tensor scales.
+    M = T * topk
+    xq = torch.randn(M, H, device="cuda").to(FP8)
+    yq = torch.randn(M, I, device="cuda").to(FP8)
+    g1 = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(xq, w1, a1, s, offsets), [()])
+    g2 = harness.time_per_call(lambda: moe_kernels.cutlass_grouped_gemm_fp8(yq, w2, a2, s, offsets), [()])
+    row["outside_gemm_share"] = max(0.0, 1 - (g1 + g2) / ours)
+    try:
+        sr1, sr2 = torch.ones(E, 2 * I, device="cuda"), torch.ones(E, H, device="cuda")
+        peer8 = harness.time_per_call(lambda: torch_fp8_layer(x, w1, w2, sr1, sr2, w, ids, E), [()])
+        row.update({"torch_fp8_us": peer8 * 1e6, "speedup_vs_fp8": peer8 / ours})
+    except Exception as e:  # noqa: BLE001
+        row["torch_fp8_error"] = str(e).splitlines()[0][:60]
+    del w1, w2, xq, yq
     try:
         w1b = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.05
         w2b = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.05
@@ -112,7 +163,11 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--no-layer", action="store_true", help="time the grouped GEMMs only")
+    parser.add_argument("--configs", nargs="*", default=[],
+                        help="force these configurations ('all': every compiled one); default: automatic")
     args = parser.parse_args()
+    configs = moe_kernels.grouped_gemm_fp8_configs() if args.configs == ["all"] else args.configs
+    configs = configs or [None]
     peak = fp8_peak()
     gemm_rows, layer_rows = [], []
     for name in args.models:
@@ -120,21 +175,22 @@ def main():
         for T in args.tokens:
             offsets, _ = routed_offsets(T, topk, E)
             M = T * topk
-            pair = [bench_gemm(f"{name}/gemm1", E, M, 2 * I, H, offsets, peak),
-                    bench_gemm(f"{name}/gemm2", E, M, H, I, offsets, peak)]
-            for r in pair:
-                r["T"] = T
-            gemm_rows += pair
+            for gemm, N, K in (("gemm1", 2 * I, H), ("gemm2", H, I)):
+                for r in bench_gemm(f"{name}/{gemm}", E, M, N, K, offsets, peak, configs):
+                    r["T"] = T
+                    gemm_rows.append(r)
             if not args.no_layer and T in LAYER_TOKENS:
-                layer_rows.append(bench_layer(name, E, topk, H, I, T, pair))
+                layer_rows.append(bench_layer(name, E, topk, H, I, T))
             torch.cuda.empty_cache()
-    harness.print_table(gemm_rows, ["gemm", "T", "M", "N", "K", "us", "TFLOPs", "frac_fp8_peak", "rowwise_us",
-                                    "rowwise_TFLOPs", "torch_us", "speedup", "speedup_rowwise", "torch_error"])
+    harness.print_table(gemm_rows, ["gemm", "T", "config", "M", "N", "K", "us", "TFLOPs", "frac_fp8_peak",
+                                    "rowwise_us", "rowwise_TFLOPs", "torch_us", "speedup", "speedup_rowwise",
+                                    "torch_error"])
     if layer_rows:
-        harness.print_table(layer_rows, ["layer", "T", "us", "gemm_share", "torch_bf16_us", "speedup_vs_bf16",
-                                         "torch_error"])
+        harness.print_table(layer_rows, ["layer", "T", "us", "outside_gemm_share", "torch_fp8_us", "speedup_vs_fp8",
+                                         "torch_bf16_us", "speedup_vs_bf16", "torch_fp8_error", "torch_error"])
     print(f"fp8 dense peak (torch._scaled_mm 8192^3): {peak / 1e12:.0f} TFLOP/s")
-    print(f"saved {harness.save('gemm', {'fp8_peak_flops': peak}, gemm_rows + layer_rows)}")
+    tag = "gemm_configs" if configs != [None] else "gemm"
+    print(f"saved {harness.save(tag, {'fp8_peak_flops': peak}, gemm_rows + layer_rows)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #   STAGES="build test" bash scripts/gpu-check.sh
 #   BENCH="bench/bench_permute.py" PYTEST_ARGS="-k permute" bash scripts/gpu-check.sh
 #   (PYTEST_ARGS is split on spaces: write -k expressions without spaces, e.g. -k gemm)
+#   GEMM_TRIAL=1 ...                          # also build the trial GEMM configurations
 #
 # Where the machine lacks the CUTLASS headers, stage the nvidia-cutlass wheel in .whl/ first
 # (../shared/gpu/stage-wheels.sh); this script installs .whl/*.whl into /tmp/site when present.
@@ -35,7 +36,9 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if stage build; then
   start=$SECONDS
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install --no-build-isolation --no-deps -v . \
+  trial=()
+  [ -n "${GEMM_TRIAL:-}" ] && trial=(--config-settings=cmake.define.MOE_KERNELS_GEMM_TRIAL=ON)
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install --no-build-isolation --no-deps -v "${trial[@]}" . \
     > "$OUT/build.log" 2>&1
   rc=$?
   summary+=("build: rc=$rc in $((SECONDS - start)) s (log: build.log)")

@@ -86,8 +86,44 @@ def test_scale_granularities(device, counts, N, K, a_shape, b_kind):
         poison_cuda_allocator(0xFF)
     out = moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_sc, b_sc, off)
     assert not out.isnan().any()
-    # bf16 output (and, for per-token/per-channel on CUDA, a second bf16 rounding): < 1e-2.
+    # fp32 accumulation and scales, one bf16 rounding: < 1e-2.
     assert rel_error(out.cpu(), formula(a, b, a_sc, b_sc, off)) < 1e-2
+
+
+def _configs():
+    try:
+        return moe_kernels.grouped_gemm_fp8_configs()
+    except Exception:  # noqa: BLE001 - no extension: the test list must still build
+        return []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", _configs())
+@pytest.mark.parametrize("counts,N,K", [SHAPES[0], SHAPES[2], SHAPES[3]])
+@pytest.mark.parametrize("scales", ["tensor/expert", "token/channel"])
+def test_every_configuration(monkeypatch, config, counts, N, K, scales):
+    """Each compiled configuration, forced with MOE_KERNELS_GEMM_CONFIG, on ragged experts."""
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", config)
+    a, b, a_s, b_s, off = make_problem(counts, N, K, "cuda")
+    if scales == "token/channel":
+        a_s, b_s = per_token_per_channel(a, b, a_s, b_s, (a.shape[0],))
+    poison_cuda_allocator(0xFF)
+    out = moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, off)
+    assert not out.isnan().any()
+    assert rel_error(out.cpu(), formula(a, b, a_s, b_s, off)) < 1e-2
+
+
+def test_configuration_names():
+    names = moe_kernels.grouped_gemm_fp8_configs()
+    assert "coop_128x128x128_c1x2" in names and "pingpong_64x128x128_c1x2" in names
+
+
+@pytest.mark.cuda
+def test_unknown_configuration_is_rejected(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", "coop_1x1x1")
+    a, b, a_s, b_s, off = make_problem([3, 5], 16, 32, "cuda")
+    with pytest.raises(RuntimeError, match="MOE_KERNELS_GEMM_CONFIG=coop_1x1x1 names no compiled configuration"):
+        moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, off)
 
 
 @pytest.mark.cuda

@@ -7,15 +7,16 @@
 
 namespace moe_kernels {
 
-// out[rows of expert e] = alpha_e * (a[rows of e] @ b[e]^T), alpha_e = a_scale[0] * b_scale[e];
-// rows of expert e are expert_offsets[e] .. expert_offsets[e+1]. a [M,K] e4m3 row-major,
-// b [E,N,K] e4m3 (each expert's [N,K] row-major: the K-major "column-major B" of CUTLASS),
-// out [M,N] bf16. Problem sizes, pointers, strides and alphas are built on the device.
+// out[rows of expert e] = bf16(a_scale * (b_scale * (a[rows of e] @ b[e]^T))): a_scale per row
+// (token) or one value, b_scale per column of expert e or one value per expert. Rows of expert e
+// are expert_offsets[e] .. expert_offsets[e+1]. a [M,K] e4m3 row-major, b [E,N,K] e4m3 (each
+// expert's [N,K] row-major: the K-major "column-major B" of CUTLASS), out [M,N] bf16. Problem
+// sizes, pointers and strides are built on the device.
 struct GroupedGemmFp8Args {
   const void* a;
   const void* b;
-  const float* a_scale;          // [1]
-  const float* b_scale;          // [E]
+  const float* a_scale;          // [M] if a_per_token, else [1]
+  const float* b_scale;          // [E, N] if b_per_channel, else [E]
   const int64_t* expert_offsets; // [E+1]
   void* out;
   int num_experts;
@@ -24,6 +25,8 @@ struct GroupedGemmFp8Args {
   void* scratch;                 // kernel.scratch_bytes(num_experts), 256-byte aligned
   void* workspace;               // kernel.workspace_bytes(sm_count)
   int sm_count;
+  bool a_per_token;
+  bool b_per_channel;
 };
 
 // One CUTLASS configuration (one .cu file each): its scratch and workspace sizes and its launch,
@@ -39,20 +42,10 @@ struct GroupedGemmFp8Kernel {
 // without reading the routing). Table in grouped_gemm_fp8.cpp.
 const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert);
 
-// In place on the GEMM's bf16 output (computed with unit scales): out[r, c] *= a_scale[r or 0] *
-// b_scale[e(r), c or 0], for rows r < expert_offsets[E]; e(r) is r's expert.
-struct GroupedGemmScaleArgs {
-  void* out;                     // [m, n] bf16
-  const float* a_scale;          // [m] per token, or [1]
-  const float* b_scale;          // [E, n] per channel, or [E]
-  const int64_t* expert_offsets; // [E+1]
-  int64_t m;
-  int n;
-  int num_experts;
-  bool a_per_token;
-  bool b_per_channel;
-};
-
-const char* launch_grouped_gemm_apply_scales(const GroupedGemmScaleArgs& args, cudaStream_t stream);
+// Every compiled configuration, and the one of this name (nullptr if none): the tuning override
+// MOE_KERNELS_GEMM_CONFIG=<name> and the tests that run each configuration use them.
+int grouped_gemm_fp8_config_count();
+const GroupedGemmFp8Kernel& grouped_gemm_fp8_config(int i);
+const GroupedGemmFp8Kernel* find_grouped_gemm_fp8(const char* name);
 
 }  // namespace moe_kernels

@@ -3,6 +3,9 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "common/torch_glue.h"
 #include "gemm/checks.h"
@@ -22,6 +25,23 @@ int sm_count(int device) {
   return cached[device];
 }
 
+// The configuration by rows per expert, unless MOE_KERNELS_GEMM_CONFIG names one (a tuning and
+// testing override, read at each call: it is a host-side getenv, no device work).
+const GroupedGemmFp8Kernel& pick_kernel(int64_t avg_rows_per_expert) {
+  const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
+  if (forced == nullptr || forced[0] == '\0') return select_grouped_gemm_fp8(avg_rows_per_expert);
+  const GroupedGemmFp8Kernel* k = find_grouped_gemm_fp8(forced);
+  TORCH_CHECK(k != nullptr, "cutlass_grouped_gemm_fp8: MOE_KERNELS_GEMM_CONFIG=", forced,
+              " names no compiled configuration; see moe_kernels.grouped_gemm_fp8_configs()");
+  return *k;
+}
+
+std::vector<std::string> grouped_gemm_fp8_configs() {
+  std::vector<std::string> names;
+  for (int i = 0; i < grouped_gemm_fp8_config_count(); ++i) names.emplace_back(grouped_gemm_fp8_config(i).name);
+  return names;
+}
+
 at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
                                  const at::Tensor& b_scales, const at::Tensor& expert_offsets,
                                  std::optional<at::ScalarType> out_dtype) {
@@ -31,19 +51,14 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
   auto out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
   if (a.size(0) == 0 || E == 0) return out;
   const int sms = sm_count(a.get_device());
-  // Per-tensor scales ride in the epilogue as one alpha per expert; per-token / per-channel scales
-  // are applied by a second, in-place pass over the output (gemm/apply_scales.cu).
-  const bool fused_scales = a_scales.numel() == 1 && b_scales.numel() == E;
-  const at::Tensor a_s = fused_scales ? a_scales : at::ones({1}, a_scales.options());
-  const at::Tensor b_s = fused_scales ? b_scales : at::ones({E}, b_scales.options());
-  const GroupedGemmFp8Kernel& kernel = select_grouped_gemm_fp8(a.size(0) / E);
+  const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0) / E);
   auto bytes = a.options().dtype(at::kByte);
   at::Tensor scratch = at::empty({static_cast<int64_t>(kernel.scratch_bytes(E))}, bytes);
   at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.workspace_bytes(sms)) + 1}, bytes);
   GroupedGemmFp8Args args{a.data_ptr(),
                           b.data_ptr(),
-                          a_s.data_ptr<float>(),
-                          b_s.data_ptr<float>(),
+                          a_scales.data_ptr<float>(),
+                          b_scales.data_ptr<float>(),
                           expert_offsets.data_ptr<int64_t>(),
                           out.data_ptr(),
                           E,
@@ -51,22 +66,11 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
                           static_cast<int>(a.size(1)),
                           scratch.data_ptr(),
                           workspace.data_ptr(),
-                          sms};
+                          sms,
+                          /*a_per_token=*/a_scales.numel() != 1,
+                          /*b_per_channel=*/b_scales.numel() != E};
   const char* err = kernel.launch(args, current_stream());
-  TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8: ", err);
-  if (!fused_scales) {
-    GroupedGemmScaleArgs sargs{out.data_ptr(),
-                               a_scales.data_ptr<float>(),
-                               b_scales.data_ptr<float>(),
-                               expert_offsets.data_ptr<int64_t>(),
-                               a.size(0),
-                               static_cast<int>(b.size(1)),
-                               E,
-                               a_scales.numel() != 1,
-                               b_scales.numel() != E};
-    err = launch_grouped_gemm_apply_scales(sargs, current_stream());
-    TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8: ", err);
-  }
+  TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8 (", kernel.name, "): ", err);
   return out;
 }
 
@@ -106,5 +110,7 @@ at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor& b, co
 
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) { m.impl("cutlass_grouped_gemm_fp8", &grouped_gemm_fp8_cuda); }
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("cutlass_grouped_gemm_fp8", &grouped_gemm_fp8_cpu); }
+// No tensors, so no dispatch key: the names of the compiled configurations on every backend.
+TORCH_LIBRARY_FRAGMENT(moe_kernels, m) { m.def("grouped_gemm_fp8_configs() -> str[]", &grouped_gemm_fp8_configs); }
 
 }  // namespace moe_kernels

@@ -21,7 +21,7 @@ from .ops.permute import (  # noqa: E402
     moe_unpermute,
 )
 from . import modular  # noqa: E402
-from .ops.gemm import cutlass_grouped_gemm_fp8, cutlass_moe_fp8  # noqa: E402
+from .ops.gemm import cutlass_grouped_gemm_fp8, cutlass_moe_fp8, grouped_gemm_fp8_configs  # noqa: E402
 from .ops.routing import moe_fused_gate  # noqa: E402
 from .ops.quant import (  # noqa: E402
     scaled_fp8_quant,
@@ -35,6 +35,7 @@ include_path = str(Path(__file__).resolve().parent / "include")
 
 __all__ = [
     "cutlass_grouped_gemm_fp8",
+    "grouped_gemm_fp8_configs",
     "cutlass_moe_fp8",
     "moe_fused_gate",
     "compute_problem_sizes",

@@ -24,12 +24,18 @@ def cutlass_grouped_gemm_fp8(a: Tensor, b: Tensor, a_scales: Tensor, b_scales: T
         [M, N] bfloat16; rows at and past expert_offsets[-1] are not written.
 
     Problem sizes, pointers and strides are built on the device from expert_offsets: no host sync,
-    CUDA-graph capturable; experts with no rows cost nothing. Per-tensor scales are applied in
-    the CUTLASS epilogue (one alpha per expert); per-token / per-channel scales by a second
-    in-place pass over the bf16 output (the GEMM runs with unit scales), which costs one more read
-    and write of the output and a second bf16 rounding.
+    CUDA-graph capturable; experts with no rows cost nothing. Every scale granularity is applied in
+    the CUTLASS epilogue, ``bf16(a_scale * (b_scale * acc))`` with an fp32 accumulator. The tile
+    configuration is chosen by rows per expert (``M // E``); the environment variable
+    ``MOE_KERNELS_GEMM_CONFIG`` forces one of :func:`grouped_gemm_fp8_configs` (for tuning).
     """
     return _ops.cutlass_grouped_gemm_fp8(a, b, a_scales, b_scales, expert_offsets, out_dtype)
+
+
+def grouped_gemm_fp8_configs() -> list:
+    """Names of the compiled CUTLASS configurations of :func:`cutlass_grouped_gemm_fp8`, e.g.
+    ``coop_128x128x128_c1x2`` (schedule, tile M x N x K, cluster M x N)."""
+    return list(_ops.grouped_gemm_fp8_configs())
 
 
 def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,

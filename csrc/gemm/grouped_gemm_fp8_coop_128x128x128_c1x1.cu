@@ -1,0 +1,6 @@
+// Trial: cooperative 128x128x128 tiles without clusters.
+#include "gemm/grouped_gemm_fp8_sm90.cuh"
+
+MOE_KERNELS_GROUPED_GEMM_FP8_DEFINE(coop_128x128x128_c1x1, 128, 128, 128, 1, 1,
+                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8FastAccum,
+                                    cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative, false)

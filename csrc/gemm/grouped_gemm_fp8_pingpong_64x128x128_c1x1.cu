@@ -1,0 +1,6 @@
+// Trial: ping-pong 64x128x128 tiles without clusters (no multicast, no lockstep between CTAs).
+#include "gemm/grouped_gemm_fp8_sm90.cuh"
+
+MOE_KERNELS_GROUPED_GEMM_FP8_DEFINE(pingpong_64x128x128_c1x1, 64, 128, 128, 1, 1,
+                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8FastAccum,
+                                    cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong, false)

@@ -1,0 +1,6 @@
+// Trial: ping-pong 64x256x128 tiles (each weight tile feeds twice the columns), 1x2 clusters.
+#include "gemm/grouped_gemm_fp8_sm90.cuh"
+
+MOE_KERNELS_GROUPED_GEMM_FP8_DEFINE(pingpong_64x256x128_c1x2, 64, 256, 128, 1, 2,
+                                    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8FastAccum,
+                                    cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong, false)
