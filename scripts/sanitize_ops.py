@@ -4,6 +4,8 @@ Run: compute-sanitizer --tool racecheck python3 scripts/sanitize_ops.py
 Each op runs on shapes that exercise its edge paths (tails, padding, dropped choices, T = 0).
 """
 
+import os
+
 import torch
 
 import moe_kernels
@@ -77,14 +79,21 @@ def run_routing():
 
 
 def run_gemm():
-    # Empty experts, one expert with many rows, the smallest aligned N and K; then the layer.
+    # Every compiled configuration, per-tensor and per-token/per-channel scales (the epilogue's
+    # broadcasts read exactly M and E*N floats), on empty experts, one expert with many rows and the
+    # smallest aligned N and K; then the layer.
     fp8 = torch.float8_e4m3fn
-    for counts, N, K in [([5, 0, 37, 1], 64, 128), ([3, 1], 8, 16)]:
-        offsets = torch.tensor([0] + counts, device="cuda").cumsum(0)
-        a = torch.randn(int(offsets[-1]), K, device="cuda").to(fp8)
-        b = torch.randn(len(counts), N, K, device="cuda").to(fp8)
-        moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.ones(1, device="cuda"), torch.ones(len(counts), device="cuda"),
-                                             offsets)
+    for config in moe_kernels.grouped_gemm_fp8_configs():
+        os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
+        for counts, N, K in [([5, 0, 37, 1], 64, 128), ([3, 1], 8, 16), ([0, 150, 2], 256, 512)]:
+            offsets = torch.tensor([0] + counts, device="cuda").cumsum(0)
+            M, E = int(offsets[-1]), len(counts)
+            a = torch.randn(M, K, device="cuda").to(fp8)
+            b = torch.randn(E, N, K, device="cuda").to(fp8)
+            moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.ones(1, device="cuda"), torch.ones(E, device="cuda"), offsets)
+            moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.rand(M, device="cuda"), torch.rand(E, N, device="cuda"),
+                                                 offsets)
+    os.environ.pop("MOE_KERNELS_GEMM_CONFIG")
     x = torch.randn(33, 256, device="cuda", dtype=torch.bfloat16)
     w1 = (torch.randn(8, 256, 256, device="cuda") * 0.05).to(fp8)
     w2 = (torch.randn(8, 256, 128, device="cuda") * 0.05).to(fp8)

@@ -16,15 +16,15 @@ namespace moe_kernels {
                                           grouped_gemm_fp8_##name##_workspace_bytes,       \
                                           launch_grouped_gemm_fp8_##name};
 
+MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x128x256_c1x2)
+MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x256x128_c1x2)
+MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_128x128x128_c1x2)
+#ifdef MOE_KERNELS_GEMM_TRIAL
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x128x128_c1x2)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x128x128_c1x2)
-#ifdef MOE_KERNELS_GEMM_TRIAL
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x128x256_c1x2)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x256x128_c1x2)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x256x128_c1x2)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x128x128_c2x1)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_256x128x128_c1x2)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_128x128x128_c1x2)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x128x128_c1x1)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x128x128_c1x1)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(swap_pingpong_128x16x128_c1x1)
@@ -34,12 +34,11 @@ MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(swap_pingpong_128x32x128_c1x1)
 
 namespace {
 const GroupedGemmFp8Kernel* const kConfigs[] = {
-    &k_pingpong_64x128x128_c1x2, &k_coop_128x128x128_c1x2,
+    &k_pingpong_64x128x256_c1x2, &k_coop_128x256x128_c1x2, &k_pingpong_128x128x128_c1x2,
 #ifdef MOE_KERNELS_GEMM_TRIAL
-    &k_pingpong_64x128x256_c1x2, &k_pingpong_64x256x128_c1x2, &k_coop_128x256x128_c1x2,
-    &k_coop_128x128x128_c2x1,    &k_coop_256x128x128_c1x2,    &k_pingpong_128x128x128_c1x2,
-    &k_pingpong_64x128x128_c1x1, &k_coop_128x128x128_c1x1,    &k_swap_pingpong_128x16x128_c1x1,
-    &k_swap_pingpong_128x32x128_c1x1,
+    &k_pingpong_64x128x128_c1x2, &k_coop_128x128x128_c1x2, &k_pingpong_64x256x128_c1x2,
+    &k_coop_128x128x128_c2x1,    &k_coop_256x128x128_c1x2, &k_pingpong_64x128x128_c1x1,
+    &k_coop_128x128x128_c1x1,    &k_swap_pingpong_128x16x128_c1x1, &k_swap_pingpong_128x32x128_c1x1,
 #endif
 };
 }  // namespace
@@ -54,22 +53,19 @@ const GroupedGemmFp8Kernel* find_grouped_gemm_fp8(const char* name) {
   return nullptr;
 }
 
-const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert) {
-  struct Row {
-    int64_t max_avg_rows;  // use this configuration up to this many rows per expert
-    const GroupedGemmFp8Kernel& kernel;
-  };
-  // Measured on H100 (bench/bench_gemm.py, 2026-11-22): 64-row ping-pong tiles are 1-3% faster
-  // at decode sizes (<= 32 rows per expert, weight-bandwidth bound) and 10-40% slower from 64 rows
-  // per expert on (Qwen3 at 64 and 256 rows, DeepSeek-V3 at 128, Mixtral at 256).
-  static const Row table[] = {
-      {32, k_pingpong_64x128x128_c1x2},
-      {INT64_MAX, k_coop_128x128x128_c1x2},
-  };
-  for (const Row& row : table) {
-    if (avg_rows_per_expert <= row.max_avg_rows) return row.kernel;
-  }
-  return table[1].kernel;
+// Measured on H100 with every trial configuration forced in turn (bench/bench_gemm.py --configs
+// all, results in bench/results/gemm_configs_*.json), rowwise scales, ratios to
+// torch._scaled_grouped_mm on the same inputs, Mixtral-8x7B / Qwen3-235B / DeepSeek-V3 shapes:
+// - <= 64 rows per expert (decode, and Qwen3 at T=1024) the GEMM streams the weights once and is
+//   bandwidth bound; every 64-row or swap-AB configuration lands within a few percent of torch,
+//   64x128x256 ping-pong is the best or tied (1.02-1.12x at <= 32 rows, 0.99-1.01x at 64).
+// - above, 128x256x128 cooperative wins (DeepSeek T=4096 1.10x / 1.09x, Qwen3 1.35x GEMM1,
+//   Mixtral 1.03-1.45x, 1150-1320 TFLOP/s at >= 1024 rows per expert), except for a short K, where
+//   128x128 ping-pong wins (Qwen3 GEMM2, K=1536: 1.19-1.22x against 1.06-1.09x).
+const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert, int64_t k) {
+  if (avg_rows_per_expert <= 64) return k_pingpong_64x128x256_c1x2;
+  if (k <= 2048) return k_pingpong_128x128x128_c1x2;
+  return k_coop_128x256x128_c1x2;
 }
 
 }  // namespace moe_kernels

@@ -1,5 +1,4 @@
-// Cooperative 128x128x128 tiles (two consumer warpgroups share each tile), 1x2 clusters (the A
-// tile is multicast to the two CTAs along N).
+// Trial: cooperative 128x128x128 tiles (two consumer warpgroups share each tile), 1x2 clusters.
 #include "gemm/grouped_gemm_fp8_sm90.cuh"
 
 MOE_KERNELS_GROUPED_GEMM_FP8_DEFINE(coop_128x128x128_c1x2, 128, 128, 128, 1, 2,

@@ -39,8 +39,8 @@ struct GroupedGemmFp8Kernel {
 };
 
 // The configuration for this many rows per expert on average (T * topk / E: known on the host
-// without reading the routing). Table in grouped_gemm_fp8.cpp.
-const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert);
+// without reading the routing) and this K. The rule and its measurements: grouped_gemm_fp8.cpp.
+const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert, int64_t k);
 
 // Every compiled configuration, and the one of this name (nullptr if none): the tuning override
 // MOE_KERNELS_GEMM_CONFIG=<name> and the tests that run each configuration use them.

@@ -27,9 +27,9 @@ int sm_count(int device) {
 
 // The configuration by rows per expert, unless MOE_KERNELS_GEMM_CONFIG names one (a tuning and
 // testing override, read at each call: it is a host-side getenv, no device work).
-const GroupedGemmFp8Kernel& pick_kernel(int64_t avg_rows_per_expert) {
+const GroupedGemmFp8Kernel& pick_kernel(int64_t avg_rows_per_expert, int64_t depth) {
   const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
-  if (forced == nullptr || forced[0] == '\0') return select_grouped_gemm_fp8(avg_rows_per_expert);
+  if (forced == nullptr || forced[0] == '\0') return select_grouped_gemm_fp8(avg_rows_per_expert, depth);
   const GroupedGemmFp8Kernel* k = find_grouped_gemm_fp8(forced);
   TORCH_CHECK(k != nullptr, "cutlass_grouped_gemm_fp8: MOE_KERNELS_GEMM_CONFIG=", forced,
               " names no compiled configuration; see moe_kernels.grouped_gemm_fp8_configs()");
@@ -51,7 +51,7 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
   auto out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
   if (a.size(0) == 0 || E == 0) return out;
   const int sms = sm_count(a.get_device());
-  const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0) / E);
+  const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0) / E, a.size(1));
   auto bytes = a.options().dtype(at::kByte);
   at::Tensor scratch = at::empty({static_cast<int64_t>(kernel.scratch_bytes(E))}, bytes);
   at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.workspace_bytes(sms)) + 1}, bytes);
