@@ -12,7 +12,7 @@ import json
 import math
 import platform
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -25,8 +25,8 @@ def sets_for(bytes_per_set: int, max_sets: int = 64) -> int:
     return max(1, min(max_sets, math.ceil(L2_ROTATION_BYTES / max(1, bytes_per_set))))
 
 
-def time_per_call(fn: Callable, arg_sets: Sequence[tuple], reps: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call of fn(*args), over graph replays that call it once per arg set."""
+def _capture(fn: Callable, arg_sets: Sequence[tuple]) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph that calls fn once per arg set (warmed up outside the capture first)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -38,8 +38,10 @@ def time_per_call(fn: Callable, arg_sets: Sequence[tuple], reps: int = 20, warmu
     with torch.cuda.graph(graph):
         for args in arg_sets:
             fn(*args)
-    for _ in range(warmup):
-        graph.replay()
+    return graph
+
+
+def _replay_ms(graph, reps: int) -> List[float]:
     start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
@@ -47,9 +49,32 @@ def time_per_call(fn: Callable, arg_sets: Sequence[tuple], reps: int = 20, warmu
         graph.replay()
         end[i].record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
+    return [s.elapsed_time(e) for s, e in zip(start, end)]
+
+
+def time_per_call(fn: Callable, arg_sets: Sequence[tuple], reps: int = 20, warmup: int = 3) -> float:
+    """Median seconds per call of fn(*args), over graph replays that call it once per arg set."""
+    graph = _capture(fn, arg_sets)
+    for _ in range(warmup):
+        graph.replay()
+    times = sorted(_replay_ms(graph, reps))
     del graph
     return times[len(times) // 2] / 1e3 / len(arg_sets)
+
+
+def time_interleaved(fns: Dict[str, Callable], reps: int = 8, rounds: int = 3) -> Dict[str, float]:
+    """Median seconds per call of each fn(), replayed in turns (rounds x reps each): long FP8 GEMMs
+    move the GPU clock with power and temperature by up to ~20% within a run, and turns make that
+    drift fall on every contender alike, so their ratio is fair."""
+    graphs = {name: _capture(fn, [()]) for name, fn in fns.items()}
+    for g in graphs.values():
+        g.replay()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            times[name] += _replay_ms(g, reps)
+    del graphs
+    return {name: sorted(t)[len(t) // 2] / 1e3 for name, t in times.items()}
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
