@@ -141,15 +141,26 @@ def bench_layer(name, E, topk, H, I, T):
     xq = torch.randn(M, H, device="cuda").to(FP8)
     yq = torch.randn(M, I, device="cuda").to(FP8)
     sr1, sr2 = torch.ones(E, 2 * I, device="cuda"), torch.ones(E, H, device="cuda")
+    # The layer's steps alone, on this routing and the layer's scales: the two GEMMs and what
+    # surrounds them (quantize, sort + permute, silu*mul + quantize, weighted unpermute).
+    h1 = torch.randn(M, 2 * I, device="cuda", dtype=torch.bfloat16)
+    h2 = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    xq_tokens, _ = moe_kernels.scaled_fp8_quant(x, a1)
+    _, _, inv, _ = moe_kernels.moe_permute(xq_tokens, ids, E)
     t = harness.time_interleaved({
         "us": lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2),
-        # the layer's two GEMMs alone, on this routing's row counts and the layer's scales
         "gemm1": lambda: moe_kernels.cutlass_grouped_gemm_fp8(xq, w1, a1, s, offsets),
         "gemm2": lambda: moe_kernels.cutlass_grouped_gemm_fp8(yq, w2, a2, s, offsets),
+        "quant": lambda: moe_kernels.scaled_fp8_quant(x, a1),
+        "permute": lambda: moe_kernels.moe_permute(xq_tokens, ids, E),
+        "silu_quant": lambda: moe_kernels.silu_and_mul_quant_fp8(h1, a2),
+        "unpermute": lambda: moe_kernels.moe_unpermute(h2, w, inv),
         "torch_fp8_us": lambda: torch_fp8_layer(x, w1, w2, sr1, sr2, w, ids, E),
     })
     row = {"layer": name, "T": T, "us": t["us"] * 1e6, "outside_gemm_share": max(0.0, 1 - (t["gemm1"] + t["gemm2"]) / t["us"]),
            "torch_fp8_us": t["torch_fp8_us"] * 1e6, "speedup_vs_fp8": t["torch_fp8_us"] / t["us"]}
+    row.update({f"{step}_us": t[step] * 1e6 for step in ("gemm1", "gemm2", "quant", "permute", "silu_quant", "unpermute")})
+    del h1, h2
     del w1, w2, xq, yq
     # The bf16 peer needs bf16 weights (twice the fp8 bytes): timed after the fp8 ones are freed,
     # next to a fresh timing of ours so both see the same clocks.
@@ -193,6 +204,8 @@ def main():
     if layer_rows:
         harness.print_table(layer_rows, ["layer", "T", "us", "outside_gemm_share", "torch_fp8_us", "speedup_vs_fp8",
                                          "torch_bf16_us", "speedup_vs_bf16"])
+        harness.print_table(layer_rows, ["layer", "T", "gemm1_us", "gemm2_us", "quant_us", "permute_us", "silu_quant_us",
+                                         "unpermute_us"])
     print(f"fp8 dense peak (torch._scaled_mm 8192^3): {peak / 1e12:.0f} TFLOP/s")
     tag = "gemm_configs" if configs != [None] else "gemm"
     print(f"saved {harness.save(tag, {'fp8_peak_flops': peak}, gemm_rows + layer_rows)}")

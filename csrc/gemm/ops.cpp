@@ -36,12 +36,6 @@ const GroupedGemmFp8Kernel& pick_kernel(int64_t avg_rows_per_expert, int64_t dep
   return *k;
 }
 
-std::vector<std::string> grouped_gemm_fp8_configs() {
-  std::vector<std::string> names;
-  for (int i = 0; i < grouped_gemm_fp8_config_count(); ++i) names.emplace_back(grouped_gemm_fp8_config(i).name);
-  return names;
-}
-
 at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
                                  const at::Tensor& b_scales, const at::Tensor& expert_offsets,
                                  std::optional<at::ScalarType> out_dtype) {
@@ -108,9 +102,13 @@ at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor& b, co
   return handle.call(a, b, a_scales, b_scales, expert_offsets, out_dtype);
 }
 
+std::vector<std::string> grouped_gemm_fp8_configs() {
+  std::vector<std::string> names;
+  for (int i = 0; i < grouped_gemm_fp8_config_count(); ++i) names.emplace_back(grouped_gemm_fp8_config(i).name);
+  return names;
+}
+
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) { m.impl("cutlass_grouped_gemm_fp8", &grouped_gemm_fp8_cuda); }
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("cutlass_grouped_gemm_fp8", &grouped_gemm_fp8_cpu); }
-// No tensors, so no dispatch key: the names of the compiled configurations on every backend.
-TORCH_LIBRARY_FRAGMENT(moe_kernels, m) { m.def("grouped_gemm_fp8_configs() -> str[]", &grouped_gemm_fp8_configs); }
 
 }  // namespace moe_kernels

@@ -4,14 +4,20 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace moe_kernels {
 
-// a [M,K] e4m3 rows grouped by expert, b [E,N,K] e4m3, a_scales [1] f32, b_scales [E] f32,
-// expert_offsets [E+1] int64 -> [M,N] bf16 = (a_scale * b_scale[e]) * a[rows of e] @ b[e]^T.
+// a [M,K] e4m3 rows grouped by expert, b [E,N,K] e4m3, a_scales [1] or [M] f32, b_scales [E] or
+// [E,N] f32, expert_offsets [E+1] int64 -> [M,N] bf16 = a_scale * b_scale[e] * (a[rows of e] @ b[e]^T).
 at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
                                     const at::Tensor& b_scales, const at::Tensor& expert_offsets,
                                     std::optional<at::ScalarType> out_dtype = std::nullopt);
+
+// Names of the compiled tile configurations of cutlass_grouped_gemm_fp8 (the environment variable
+// MOE_KERNELS_GEMM_CONFIG=<name> forces one; unset, the rows per expert choose).
+std::vector<std::string> grouped_gemm_fp8_configs();
 
 // The whole expert computation: quantize, permute, GEMM1, silu*mul + quantize, GEMM2, unpermute.
 at::Tensor cutlass_moe_fp8(const at::Tensor& hidden_states, const at::Tensor& w1, const at::Tensor& w2,
