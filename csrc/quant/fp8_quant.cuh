@@ -112,18 +112,43 @@ struct QuantParams {
 // Dynamic per-tensor, pass 1: scale = max over blocks of scale_from_amax(block amax), into
 // *scale, which the launcher zeroed. Every block, even one with no rows, contributes (at least
 // kMinScale), so that rows = 0 still yields a valid scale.
+// Calls f(r, v) for every (row, vector) of rows x vecs_per_row, spread over the whole grid as one
+// flat index space, so that rows shorter than a block (Qwen3's 1536 columns are 192 vectors for
+// 128 threads) leave no lanes idle. The division happens once per thread; each grid-stride step
+// then adds the stride's whole rows and remaining vectors.
+template <typename F>
+__device__ __forceinline__ void for_each_row_vector(int64_t rows, int64_t vecs_per_row, F&& f) {
+  if (vecs_per_row == 0) return;  // rows of no columns: nothing to visit (and no division by 0)
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride_rows = stride / vecs_per_row;
+  const int64_t stride_vecs = stride - stride_rows * vecs_per_row;
+  int64_t r = first / vecs_per_row;
+  int64_t v = first - r * vecs_per_row;
+  while (r < rows) {
+    f(r, v);
+    r += stride_rows;
+    v += stride_vecs;
+    if (v >= vecs_per_row) {
+      v -= vecs_per_row;
+      ++r;
+    }
+  }
+}
+
+// Dynamic per-tensor, pass 1: scale = max over blocks of scale_from_amax(block amax), into
+// *scale, which the launcher zeroed. Every block, even one with no rows, contributes (at least
+// kMinScale), so that rows = 0 still yields a valid scale.
 template <typename Input, int kVec>
 __global__ void __launch_bounds__(kQuantThreads) tensor_scale_kernel(QuantParams<Input> p, float* scale) {
   __shared__ float warp_max[kQuantThreads / 32];
   float amax = 0.0f;
-  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
-    for (int64_t v = threadIdx.x; v < p.vecs_per_row; v += kQuantThreads) {
-      float y[kVec];
-      p.input.load(r, v, y);
+  for_each_row_vector(p.rows, p.vecs_per_row, [&](int64_t r, int64_t v) {
+    float y[kVec];
+    p.input.load(r, v, y);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fabsf(y[j]));
-    }
-  }
+    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fabsf(y[j]));
+  });
   amax = block_max(amax, warp_max);
   if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(scale), __float_as_int(fp8::scale_from_amax(amax)));
 }
@@ -134,14 +159,11 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(QuantParam
   const float scale = *p.scale;
   if (p.scale_copy != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *p.scale_copy = scale;
   const float inv_scale = fp8::inverse_scale(scale);
-  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
-    uint8_t* q_row = p.q + r * p.vecs_per_row * kVec;
-    for (int64_t v = threadIdx.x; v < p.vecs_per_row; v += kQuantThreads) {
-      float y[kVec];
-      p.input.load(r, v, y);
-      store_e4m3<kVec>(q_row + v * kVec, y, inv_scale);
-    }
-  }
+  for_each_row_vector(p.rows, p.vecs_per_row, [&](int64_t r, int64_t v) {
+    float y[kVec];
+    p.input.load(r, v, y);
+    store_e4m3<kVec>(p.q + (r * p.vecs_per_row + v) * kVec, y, inv_scale);
+  });
 }
 
 // Dynamic per-token: one block per row. With kCacheRow, y goes to shared memory (component-major,

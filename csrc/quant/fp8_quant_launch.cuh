@@ -21,7 +21,10 @@ template <template <typename, int> class Input, typename T, int kVec>
 cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
   using In = Input<T, kVec>;
   QuantParams<In> p{In{static_cast<const T*>(a.x), a.cols}, a.rows, a.cols / kVec, a.q, nullptr, nullptr, nullptr};
-  const int grid = static_cast<int>(std::clamp<int64_t>(a.rows, 1, kMaxQuantBlocks));
+  // Per-tensor kernels walk rows x vectors as one flat space; per-token ones take a row per block.
+  const int64_t flat_blocks = ceil_div(a.rows * p.vecs_per_row, kQuantThreads);
+  const int grid = static_cast<int>(std::clamp<int64_t>(flat_blocks, 1, kMaxQuantBlocks));
+  const int token_grid = static_cast<int>(std::clamp<int64_t>(a.rows, 1, kMaxQuantBlocks));
   switch (a.mode) {
     case QuantScaleMode::kStaticPerTensor:
       // Launched even for rows = 0: the kernel also writes the scale output.
@@ -42,9 +45,9 @@ cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
       p.token_scale = a.scale;
       const int64_t row_bytes = a.cols * static_cast<int64_t>(sizeof(float));
       if (row_bytes <= kMaxCachedRowBytes) {
-        quantize_per_token_kernel<In, kVec, true><<<grid, kQuantThreads, row_bytes, stream>>>(p);
+        quantize_per_token_kernel<In, kVec, true><<<token_grid, kQuantThreads, row_bytes, stream>>>(p);
       } else {
-        quantize_per_token_kernel<In, kVec, false><<<grid, kQuantThreads, 0, stream>>>(p);
+        quantize_per_token_kernel<In, kVec, false><<<token_grid, kQuantThreads, 0, stream>>>(p);
       }
       break;
     }
