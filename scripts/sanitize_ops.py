@@ -94,6 +94,11 @@ def run_gemm():
             moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.rand(M, device="cuda"), torch.rand(E, N, device="cuda"),
                                                  offsets)
     os.environ.pop("MOE_KERNELS_GEMM_CONFIG")
+    # Offsets past M and decreasing: clamped on the device, nothing outside a or out is touched.
+    a = torch.randn(8, 32, device="cuda").to(fp8)
+    b = torch.randn(3, 16, 32, device="cuda").to(fp8)
+    moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.ones(1, device="cuda"), torch.ones(3, device="cuda"),
+                                         torch.tensor([0, 6, 3, 100], device="cuda"))
     x = torch.randn(33, 256, device="cuda", dtype=torch.bfloat16)
     w1 = (torch.randn(8, 256, 256, device="cuda") * 0.05).to(fp8)
     w2 = (torch.randn(8, 256, 128, device="cuda") * 0.05).to(fp8)

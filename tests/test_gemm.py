@@ -126,6 +126,20 @@ def test_unknown_configuration_is_rejected(monkeypatch):
         moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, off)
 
 
+def test_bad_offsets_raise_on_cpu_and_stay_in_bounds_on_cuda():
+    a, b, a_s, b_s, _ = make_problem([3, 5], 16, 32)
+    bad = torch.tensor([0, 6, 3], dtype=torch.int64)  # decreasing
+    with pytest.raises(RuntimeError, match=r"expert_offsets must be non-decreasing within \[0, M=8\], got 3 at index 2"):
+        moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, bad)
+    with pytest.raises(RuntimeError, match=r"got 9 at index 2"):
+        moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, torch.tensor([0, 4, 9]))
+    if torch.cuda.is_available():  # the CUDA path clamps the offsets into [0, M]: no fault, no error
+        out = moe_kernels.cutlass_grouped_gemm_fp8(a.cuda(), b.cuda(), a_s.cuda(), b_s.cuda(),
+                                                   torch.tensor([0, 4, 100], device="cuda"))
+        torch.cuda.synchronize()
+        assert out.shape == (8, 16) and out.isfinite().all()
+
+
 @pytest.mark.cuda
 def test_cuda_graph_replay():
     a, b, a_s, b_s, off = make_problem([40, 0, 88, 16], 128, 256, "cuda")

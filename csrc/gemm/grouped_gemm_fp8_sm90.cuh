@@ -91,8 +91,10 @@ __global__ void build_grouped_args_kernel(GroupedGemmFp8Args a, typename K::Scra
   using StrideD = typename K::StrideD;
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= a.num_experts) return;
-  const int64_t row0 = a.expert_offsets[e];
-  const int m = static_cast<int>(a.expert_offsets[e + 1] - row0);
+  // Offsets are clamped into [0, M] and made non-decreasing here, so that offsets that do not come
+  // from moe_permute (past M, decreasing) can give wrong rows but never an access outside a or out.
+  const int64_t row0 = min(max(a.expert_offsets[e], int64_t{0}), a.m);
+  const int m = static_cast<int>(min(max(a.expert_offsets[e + 1], row0), a.m) - row0);
   const auto* rows = static_cast<const ElementFp8*>(a.a) + row0 * a.k;
   const auto* weights = static_cast<const ElementFp8*>(a.b) + static_cast<int64_t>(e) * a.n * a.k;
   // CUTLASS's (M, N) of this expert: (rows, channels), or (channels, rows) when swapped.

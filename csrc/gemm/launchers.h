@@ -19,6 +19,7 @@ struct GroupedGemmFp8Args {
   const float* b_scale;          // [E, N] if b_per_channel, else [E]
   const int64_t* expert_offsets; // [E+1]
   void* out;
+  int64_t m;                     // rows of a and out
   int num_experts;
   int n;
   int k;

@@ -55,6 +55,7 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
                           b_scales.data_ptr<float>(),
                           expert_offsets.data_ptr<int64_t>(),
                           out.data_ptr(),
+                          a.size(0),
                           E,
                           static_cast<int>(b.size(1)),
                           static_cast<int>(a.size(1)),
@@ -76,6 +77,12 @@ at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& b, const 
   const int64_t E = b.size(0);
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
   const int64_t* off = expert_offsets.data_ptr<int64_t>();
+  // The reference can afford to read the offsets: it rejects what the CUDA path only clamps.
+  for (int64_t e = 0; e <= E; ++e) {
+    TORCH_CHECK(off[e] >= (e == 0 ? 0 : off[e - 1]) && off[e] <= a.size(0),
+                "cutlass_grouped_gemm_fp8: expert_offsets must be non-decreasing within [0, M=", a.size(0), "], got ",
+                off[e], " at index ", e);
+  }
   // a_scale: [1, 1] or [M, 1]; b_scale of expert e: [1] or [N] (broadcast over rows).
   const at::Tensor as = a_scales.reshape({-1, 1});
   const bool per_token = a_scales.numel() != 1;
