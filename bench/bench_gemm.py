@@ -181,6 +181,7 @@ def main():
     parser.add_argument("--no-layer", action="store_true", help="time the grouped GEMMs only")
     parser.add_argument("--configs", nargs="*", default=[],
                         help="force these configurations ('all': every compiled one); default: automatic")
+    parser.add_argument("--tag", default=None, help="results file name prefix (default: gemm or gemm_configs)")
     args = parser.parse_args()
     configs = moe_kernels.grouped_gemm_fp8_configs() if args.configs == ["all"] else args.configs
     configs = configs or [None]
@@ -207,7 +208,7 @@ def main():
         harness.print_table(layer_rows, ["layer", "T", "gemm1_us", "gemm2_us", "quant_us", "permute_us", "silu_quant_us",
                                          "unpermute_us"])
     print(f"fp8 dense peak (torch._scaled_mm 8192^3): {peak / 1e12:.0f} TFLOP/s")
-    tag = "gemm_configs" if configs != [None] else "gemm"
+    tag = args.tag or ("gemm_configs" if configs != [None] else "gemm")
     print(f"saved {harness.save(tag, {'fp8_peak_flops': peak}, gemm_rows + layer_rows)}")
 
 

@@ -29,6 +29,8 @@ MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x128x128_c1x1)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x128x128_c1x1)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(swap_pingpong_128x16x128_c1x1)
 MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(swap_pingpong_128x32x128_c1x1)
+MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_128x128x128_c2x1)
+MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x256x128_c2x1)
 #endif
 #undef MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG
 
@@ -39,6 +41,7 @@ const GroupedGemmFp8Kernel* const kConfigs[] = {
     &k_pingpong_64x128x128_c1x2, &k_coop_128x128x128_c1x2, &k_pingpong_64x256x128_c1x2,
     &k_coop_128x128x128_c2x1,    &k_coop_256x128x128_c1x2, &k_pingpong_64x128x128_c1x1,
     &k_coop_128x128x128_c1x1,    &k_swap_pingpong_128x16x128_c1x1, &k_swap_pingpong_128x32x128_c1x1,
+    &k_pingpong_128x128x128_c2x1, &k_coop_128x256x128_c2x1,
 #endif
 };
 }  // namespace
