@@ -56,18 +56,21 @@ const GroupedGemmFp8Kernel* find_grouped_gemm_fp8(const char* name) {
   return nullptr;
 }
 
-// Measured on H100 with every trial configuration forced in turn (bench/bench_gemm.py --configs
-// all, results in bench/results/gemm_configs_*.json), rowwise scales, ratios to
+// Measured on H100 with every trial configuration forced in turn (bench/bench_gemm.py --configs,
+// results in bench/results/gemm_configs*_*.json), rowwise scales, ratios to
 // torch._scaled_grouped_mm on the same inputs, Mixtral-8x7B / Qwen3-235B / DeepSeek-V3 shapes:
 // - <= 64 rows per expert (decode, and Qwen3 at T=1024) the GEMM streams the weights once and is
 //   bandwidth bound; every 64-row or swap-AB configuration lands within a few percent of torch,
 //   64x128x256 ping-pong is the best or tied (1.02-1.12x at <= 32 rows, 0.99-1.01x at 64).
-// - above, 128x256x128 cooperative wins (DeepSeek T=4096 1.10x / 1.09x, Qwen3 1.35x GEMM1,
-//   Mixtral 1.03-1.45x, 1150-1320 TFLOP/s at >= 1024 rows per expert), except for a short K, where
-//   128x128 ping-pong wins (Qwen3 GEMM2, K=1536: 1.19-1.22x against 1.06-1.09x).
+// - above, 128x256x128 cooperative wins (DeepSeek T=4096 1.07-1.17x, Qwen3 GEMM1 1.35-1.5x,
+//   Mixtral 1.03-1.55x, 1150-1380 TFLOP/s at >= 1024 rows per expert), except for the shortest K
+//   (Qwen3 GEMM2, K=1536: 12 K blocks per tile), where 128x128 ping-pong hides each tile's
+//   epilogue under the other warpgroup's MMAs: 1.29-1.35x against 1.18-1.28x. At K=2048
+//   (DeepSeek GEMM2) cooperative is already ahead (1.48-1.62x against 1.30-1.48x at T=16384).
+// - 2x1 clusters (the weight tile multicast to an expert's two row tiles) were tied or slower.
 const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert, int64_t k) {
   if (avg_rows_per_expert <= 64) return k_pingpong_64x128x256_c1x2;
-  if (k <= 2048) return k_pingpong_128x128x128_c1x2;
+  if (k <= 1536) return k_pingpong_128x128x128_c1x2;
   return k_coop_128x256x128_c1x2;
 }
 

@@ -1,4 +1,4 @@
-// Many rows per expert and a short K (<= 2048): ping-pong 128x128x128 tiles (one warpgroup's
+// Many rows per expert and a short K (<= 1536): ping-pong 128x128x128 tiles (one warpgroup's
 // epilogue hides under the other's MMAs, which matters when each tile has few K blocks), 1x2 clusters.
 #include "gemm/grouped_gemm_fp8_sm90.cuh"
 
