@@ -33,9 +33,9 @@ namespace grouped_gemm_fp8 {
 using namespace cute;
 
 // One configuration: tile (M, N, K), cluster, kernel and epilogue schedules, and whether the
-// operands are swapped. Swap-AB computes out^T = b[e] @ a[rows of e]^T: the weights fill the tile's
-// M side (N is always a multiple of the 128-row tile) and the few rows of a decode batch the small
-// N side (a 16- or 32-wide tile instead of 64 rows of padding).
+// operands are swapped. Swap-AB computes out^T = b[e] @ a[rows of e]^T: the weights' N (a hidden or
+// intermediate size, thousands) fills the tile's M side and the few rows of a decode batch the
+// small N side (a 16- or 32-wide tile instead of 64 rows of padding).
 template <class TileShape_, class ClusterShape_, class KernelSchedule_, class EpilogueSchedule_, bool kSwapAB_ = false>
 struct Config {
   using TileShape = TileShape_;
