@@ -90,6 +90,37 @@ def test_scale_granularities(device, counts, N, K, a_shape, b_kind):
     assert rel_error(out.cpu(), formula(a, b, a_sc, b_sc, off)) < 1e-2
 
 
+BAD_GEMM_ARGS = [  # (argument index, replacement(a, b, a_s, b_s, off), message)
+    (1, lambda a, b, a_s, b_s, off: b.to(torch.bfloat16), "b must be float8_e4m3fn, got BFloat16"),
+    (2, lambda a, b, a_s, b_s, off: a_s.double(), "a_scales must be float32, got Double"),
+    (3, lambda a, b, a_s, b_s, off: b_s.half(), "b_scales must be float32, got Half"),
+    (4, lambda a, b, a_s, b_s, off: off.int(), "expert_offsets must be int64, got Int"),
+    (0, lambda a, b, a_s, b_s, off: a.view(torch.uint8).t().contiguous().t().view(FP8), "a must be contiguous"),
+    (1, lambda a, b, a_s, b_s, off: b.view(torch.uint8).transpose(1, 2).contiguous().transpose(1, 2).view(FP8),
+     "b must be contiguous"),
+    (3, lambda a, b, a_s, b_s, off: torch.ones(16, 2, device=b.device).t(), "b_scales must be contiguous"),
+    (4, lambda a, b, a_s, b_s, off: torch.stack([off, off], 1)[:, 0], "expert_offsets must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index,replace,message", BAD_GEMM_ARGS)
+def test_rejects_bad_argument_dtype_and_layout(device, index, replace, message):
+    args = list(make_problem([3, 5], 16, 32, device))
+    args[index] = replace(*args)
+    with pytest.raises(RuntimeError, match=f"cutlass_grouped_gemm_fp8: {message}"):
+        moe_kernels.cutlass_grouped_gemm_fp8(*args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index,name", [(1, "b"), (2, "a_scales"), (3, "b_scales"), (4, "expert_offsets")])
+def test_rejects_argument_on_another_device(index, name):
+    args = list(make_problem([3, 5], 16, 32, "cuda"))
+    args[index] = args[index].cpu()
+    with pytest.raises(RuntimeError, match=rf"cutlass_grouped_gemm_fp8: {name} must be on cuda:0 \(as a\), got cpu"):
+        moe_kernels.cutlass_grouped_gemm_fp8(*args)
+
+
 def _configs():
     try:
         return moe_kernels.grouped_gemm_fp8_configs()

@@ -1,5 +1,7 @@
 #include "gemm/checks.h"
 
+#include <utility>
+
 namespace moe_kernels {
 
 void check_grouped_gemm_fp8_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
@@ -10,8 +12,12 @@ void check_grouped_gemm_fp8_args(const at::Tensor& a, const at::Tensor& b, const
   TORCH_CHECK(b.dim() == 3, op, ": b must be 3-D [E, N, K], got shape ", b.sizes());
   TORCH_CHECK(a.scalar_type() == at::kFloat8_e4m3fn, op, ": a must be float8_e4m3fn, got ", a.scalar_type());
   TORCH_CHECK(b.scalar_type() == at::kFloat8_e4m3fn, op, ": b must be float8_e4m3fn, got ", b.scalar_type());
-  TORCH_CHECK(a.is_contiguous(), op, ": a must be contiguous");
-  TORCH_CHECK(b.is_contiguous(), op, ": b must be contiguous");
+  const std::pair<const char*, const at::Tensor*> named[] = {
+      {"a", &a}, {"b", &b}, {"a_scales", &a_scales}, {"b_scales", &b_scales}, {"expert_offsets", &expert_offsets}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t->device() == a.device(), op, ": ", name, " must be on ", a.device(), " (as a), got ", t->device());
+    TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+  }
   const int64_t K = a.size(1);
   TORCH_CHECK(b.size(2) == K, op, ": b must have K=", K, " columns (as a), got shape ", b.sizes());
   // TMA needs 16-byte aligned rows: K e4m3 elements for a and b, N bf16 elements for the output.
@@ -22,9 +28,8 @@ void check_grouped_gemm_fp8_args(const at::Tensor& a, const at::Tensor& b, const
               ": expert_offsets must have shape [", E + 1, "] (E + 1), got ", expert_offsets.sizes());
   TORCH_CHECK(expert_offsets.scalar_type() == at::kLong, op, ": expert_offsets must be int64, got ",
               expert_offsets.scalar_type());
-  TORCH_CHECK(a_scales.scalar_type() == at::kFloat && b_scales.scalar_type() == at::kFloat, op,
-              ": a_scales and b_scales must be float32, got ", a_scales.scalar_type(), " and ",
-              b_scales.scalar_type());
+  TORCH_CHECK(a_scales.scalar_type() == at::kFloat, op, ": a_scales must be float32, got ", a_scales.scalar_type());
+  TORCH_CHECK(b_scales.scalar_type() == at::kFloat, op, ": b_scales must be float32, got ", b_scales.scalar_type());
   const int64_t M = a.size(0);
   TORCH_CHECK(a_scales.numel() == 1 || (a_scales.numel() == M && (a_scales.dim() == 1 ||
                                                                    (a_scales.dim() == 2 && a_scales.size(1) == 1))),
@@ -36,11 +41,6 @@ void check_grouped_gemm_fp8_args(const at::Tensor& a, const at::Tensor& b, const
   TORCH_CHECK(b_per_expert || b_per_channel, op, ": b_scales must be [E] = [", E, "] (per expert) or [E, N] = [", E,
               ", ", N, "] (per output channel), got shape ", b_scales.sizes());
   TORCH_CHECK(!out_dtype || *out_dtype == at::kBFloat16, op, ": out_dtype must be bfloat16, got ", *out_dtype);
-  for (const at::Tensor* t : {&b, &a_scales, &b_scales, &expert_offsets}) {
-    TORCH_CHECK(t->device() == a.device(), op, ": every tensor must be on ", a.device(), ", got ", t->device());
-  }
-  TORCH_CHECK(a_scales.is_contiguous() && b_scales.is_contiguous() && expert_offsets.is_contiguous(), op,
-              ": a_scales, b_scales and expert_offsets must be contiguous");
 }
 
 }  // namespace moe_kernels

@@ -8,42 +8,36 @@
 
 namespace moe_kernels {
 
-#define MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(name)                                   \
-  size_t grouped_gemm_fp8_##name##_scratch_bytes(int);                              \
-  size_t grouped_gemm_fp8_##name##_workspace_bytes(int);                            \
-  const char* launch_grouped_gemm_fp8_##name(const GroupedGemmFp8Args&, cudaStream_t); \
+// Each configuration is named once in these lists (and once in CMakeLists.txt, which compiles
+// its .cu file); the declarations and the table below are generated from them.
+#define MOE_KERNELS_DEFAULT_CONFIGS(X) \
+  X(pingpong_64x128x256_c1x2) X(coop_128x256x128_c1x2) X(pingpong_128x128x128_c1x2)
+#ifdef MOE_KERNELS_GEMM_TRIAL
+#define MOE_KERNELS_TRIAL_CONFIGS(X)                                                                \
+  X(pingpong_64x128x128_c1x2) X(coop_128x128x128_c1x2) X(pingpong_64x256x128_c1x2)                  \
+  X(coop_128x128x128_c2x1) X(coop_256x128x128_c1x2) X(pingpong_64x128x128_c1x1)                     \
+  X(coop_128x128x128_c1x1) X(swap_pingpong_128x16x128_c1x1) X(swap_pingpong_128x32x128_c1x1)        \
+  X(pingpong_128x128x128_c2x1) X(coop_128x256x128_c2x1)
+#else
+#define MOE_KERNELS_TRIAL_CONFIGS(X)
+#endif
+
+#define MOE_KERNELS_DECLARE_CONFIG(name)                                                  \
+  size_t grouped_gemm_fp8_##name##_scratch_bytes(int);                                    \
+  size_t grouped_gemm_fp8_##name##_workspace_bytes(int);                                  \
+  const char* launch_grouped_gemm_fp8_##name(const GroupedGemmFp8Args&, cudaStream_t);   \
   constexpr GroupedGemmFp8Kernel k_##name{#name, grouped_gemm_fp8_##name##_scratch_bytes, \
                                           grouped_gemm_fp8_##name##_workspace_bytes,       \
                                           launch_grouped_gemm_fp8_##name};
-
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x128x256_c1x2)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x256x128_c1x2)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_128x128x128_c1x2)
-#ifdef MOE_KERNELS_GEMM_TRIAL
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x128x128_c1x2)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x128x128_c1x2)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x256x128_c1x2)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x128x128_c2x1)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_256x128x128_c1x2)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_64x128x128_c1x1)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x128x128_c1x1)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(swap_pingpong_128x16x128_c1x1)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(swap_pingpong_128x32x128_c1x1)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(pingpong_128x128x128_c2x1)
-MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG(coop_128x256x128_c2x1)
-#endif
-#undef MOE_KERNELS_GROUPED_GEMM_FP8_CONFIG
+MOE_KERNELS_DEFAULT_CONFIGS(MOE_KERNELS_DECLARE_CONFIG)
+MOE_KERNELS_TRIAL_CONFIGS(MOE_KERNELS_DECLARE_CONFIG)
+#undef MOE_KERNELS_DECLARE_CONFIG
 
 namespace {
-const GroupedGemmFp8Kernel* const kConfigs[] = {
-    &k_pingpong_64x128x256_c1x2, &k_coop_128x256x128_c1x2, &k_pingpong_128x128x128_c1x2,
-#ifdef MOE_KERNELS_GEMM_TRIAL
-    &k_pingpong_64x128x128_c1x2, &k_coop_128x128x128_c1x2, &k_pingpong_64x256x128_c1x2,
-    &k_coop_128x128x128_c2x1,    &k_coop_256x128x128_c1x2, &k_pingpong_64x128x128_c1x1,
-    &k_coop_128x128x128_c1x1,    &k_swap_pingpong_128x16x128_c1x1, &k_swap_pingpong_128x32x128_c1x1,
-    &k_pingpong_128x128x128_c2x1, &k_coop_128x256x128_c2x1,
-#endif
-};
+#define MOE_KERNELS_CONFIG_ADDRESS(name) &k_##name,
+const GroupedGemmFp8Kernel* const kConfigs[] = {MOE_KERNELS_DEFAULT_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)
+                                                    MOE_KERNELS_TRIAL_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)};
+#undef MOE_KERNELS_CONFIG_ADDRESS
 }  // namespace
 
 int grouped_gemm_fp8_config_count() { return static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0])); }
