@@ -31,15 +31,30 @@ void check_grouped_gemm_fp8_args(const at::Tensor& a, const at::Tensor& b, const
   TORCH_CHECK(a_scales.scalar_type() == at::kFloat, op, ": a_scales must be float32, got ", a_scales.scalar_type());
   TORCH_CHECK(b_scales.scalar_type() == at::kFloat, op, ": b_scales must be float32, got ", b_scales.scalar_type());
   const int64_t M = a.size(0);
-  TORCH_CHECK(a_scales.numel() == 1 || (a_scales.numel() == M && (a_scales.dim() == 1 ||
-                                                                   (a_scales.dim() == 2 && a_scales.size(1) == 1))),
-              op, ": a_scales must be [1] (per tensor) or [M] / [M, 1] (per token, M=", M, "), got shape ",
-              a_scales.sizes());
   const int64_t N = b.size(1);
-  const bool b_per_expert = b_scales.numel() == E && (b_scales.dim() == 1 || (b_scales.dim() == 2 && b_scales.size(1) == 1));
-  const bool b_per_channel = b_scales.dim() == 2 && b_scales.size(0) == E && b_scales.size(1) == N;
-  TORCH_CHECK(b_per_expert || b_per_channel, op, ": b_scales must be [E] = [", E, "] (per expert) or [E, N] = [", E,
-              ", ", N, "] (per output channel), got shape ", b_scales.sizes());
+  if (b_scales.dim() == 3) {
+    // Block-scaled (the DeepSeek-V3 / Qwen3-FP8 checkpoint format): 128x128 weight blocks and
+    // 1x128 activation groups, so both GEMM extents that carry scales are whole blocks.
+    TORCH_CHECK(K % 128 == 0, op, ": block-scaled (3-D b_scales) needs K to be a multiple of 128, got K=", K);
+    TORCH_CHECK(N % 128 == 0, op, ": block-scaled (3-D b_scales) needs N to be a multiple of 128, got N=", N);
+    TORCH_CHECK(b_scales.size(0) == E && b_scales.size(1) == N / 128 && b_scales.size(2) == K / 128, op,
+                ": b_scales must be [E, N/128, K/128] = [", E, ", ", N / 128, ", ", K / 128,
+                "] (one per 128x128 weight block), got shape ", b_scales.sizes());
+    TORCH_CHECK(a_scales.dim() == 2 && a_scales.size(0) == M && a_scales.size(1) == K / 128, op,
+                ": with block-scaled b_scales, a_scales must be [M, K/128] = [", M, ", ", K / 128,
+                "] (one per row per 128 columns), got shape ", a_scales.sizes());
+  } else {
+    TORCH_CHECK(a_scales.numel() == 1 || (a_scales.numel() == M && (a_scales.dim() == 1 ||
+                                                                     (a_scales.dim() == 2 && a_scales.size(1) == 1))),
+                op, ": a_scales must be [1] (per tensor) or [M] / [M, 1] (per token, M=", M, "), got shape ",
+                a_scales.sizes(), " (or [M, K/128] with 3-D block-scaled b_scales)");
+    const bool b_per_expert =
+        b_scales.numel() == E && (b_scales.dim() == 1 || (b_scales.dim() == 2 && b_scales.size(1) == 1));
+    const bool b_per_channel = b_scales.dim() == 2 && b_scales.size(0) == E && b_scales.size(1) == N;
+    TORCH_CHECK(b_per_expert || b_per_channel, op, ": b_scales must be [E] = [", E, "] (per expert), [E, N] = [", E,
+                ", ", N, "] (per output channel) or [E, N/128, K/128] (per 128x128 block), got shape ",
+                b_scales.sizes());
+  }
   TORCH_CHECK(!out_dtype || *out_dtype == at::kBFloat16, op, ": out_dtype must be bfloat16, got ", *out_dtype);
 }
 

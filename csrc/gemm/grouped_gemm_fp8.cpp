@@ -12,6 +12,8 @@ namespace moe_kernels {
 // its .cu file); the declarations and the table below are generated from them.
 #define MOE_KERNELS_DEFAULT_CONFIGS(X) \
   X(pingpong_64x128x256_c1x2) X(coop_128x256x128_c1x2) X(pingpong_128x128x128_c1x2)
+// Block-scaled configurations (grouped_gemm_fp8_block_<name>.cu, grouped_gemm_fp8_blockwise_sm90.cuh).
+#define MOE_KERNELS_BLOCK_CONFIGS(X) X(block_pingpong_64x128x128_c1x1) X(block_coop_128x128x128_c1x2)
 #ifdef MOE_KERNELS_GEMM_TRIAL
 #define MOE_KERNELS_TRIAL_CONFIGS(X)                                                                \
   X(pingpong_64x128x128_c1x2) X(coop_128x128x128_c1x2) X(pingpong_64x256x128_c1x2)                  \
@@ -22,21 +24,27 @@ namespace moe_kernels {
 #define MOE_KERNELS_TRIAL_CONFIGS(X)
 #endif
 
-#define MOE_KERNELS_DECLARE_CONFIG(name)                                                  \
-  size_t grouped_gemm_fp8_##name##_scratch_bytes(int);                                    \
-  size_t grouped_gemm_fp8_##name##_workspace_bytes(int);                                  \
-  const char* launch_grouped_gemm_fp8_##name(const GroupedGemmFp8Args&, cudaStream_t);   \
-  constexpr GroupedGemmFp8Kernel k_##name{#name, grouped_gemm_fp8_##name##_scratch_bytes, \
-                                          grouped_gemm_fp8_##name##_workspace_bytes,       \
+#define MOE_KERNELS_DECLARE_KIND(name, block)                                                     \
+  size_t grouped_gemm_fp8_##name##_scratch_bytes(int);                                           \
+  size_t grouped_gemm_fp8_##name##_workspace_bytes(int);                                         \
+  const char* launch_grouped_gemm_fp8_##name(const GroupedGemmFp8Args&, cudaStream_t);          \
+  constexpr GroupedGemmFp8Kernel k_##name{#name, block, grouped_gemm_fp8_##name##_scratch_bytes, \
+                                          grouped_gemm_fp8_##name##_workspace_bytes,              \
                                           launch_grouped_gemm_fp8_##name};
+#define MOE_KERNELS_DECLARE_CONFIG(name) MOE_KERNELS_DECLARE_KIND(name, false)
+#define MOE_KERNELS_DECLARE_BLOCK_CONFIG(name) MOE_KERNELS_DECLARE_KIND(name, true)
 MOE_KERNELS_DEFAULT_CONFIGS(MOE_KERNELS_DECLARE_CONFIG)
 MOE_KERNELS_TRIAL_CONFIGS(MOE_KERNELS_DECLARE_CONFIG)
+MOE_KERNELS_BLOCK_CONFIGS(MOE_KERNELS_DECLARE_BLOCK_CONFIG)
+#undef MOE_KERNELS_DECLARE_BLOCK_CONFIG
 #undef MOE_KERNELS_DECLARE_CONFIG
+#undef MOE_KERNELS_DECLARE_KIND
 
 namespace {
 #define MOE_KERNELS_CONFIG_ADDRESS(name) &k_##name,
 const GroupedGemmFp8Kernel* const kConfigs[] = {MOE_KERNELS_DEFAULT_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)
-                                                    MOE_KERNELS_TRIAL_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)};
+                                                    MOE_KERNELS_TRIAL_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)
+                                                        MOE_KERNELS_BLOCK_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)};
 #undef MOE_KERNELS_CONFIG_ADDRESS
 }  // namespace
 
@@ -66,6 +74,14 @@ const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert,
   if (avg_rows_per_expert <= 64) return k_pingpong_64x128x256_c1x2;
   if (k <= 1536) return k_pingpong_128x128x128_c1x2;
   return k_coop_128x256x128_c1x2;
+}
+
+// Block-scaled: 64-row ping-pong tiles while an expert's rows fit one of them (decode: the GEMM
+// streams the weights), 128x128 cooperative above. First choice from the per-channel trial and
+// SGLang's/CUTLASS's published configurations; bench gemm_block measures it.
+const GroupedGemmFp8Kernel& select_grouped_gemm_fp8_block(int64_t avg_rows_per_expert, int64_t /*k*/) {
+  if (avg_rows_per_expert <= 64) return k_block_pingpong_64x128x128_c1x1;
+  return k_block_coop_128x128x128_c1x2;
 }
 
 }  // namespace moe_kernels

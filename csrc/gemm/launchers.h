@@ -9,14 +9,16 @@ namespace moe_kernels {
 
 // out[rows of expert e] = bf16(a_scale * (b_scale * (a[rows of e] @ b[e]^T))): a_scale per row
 // (token) or one value, b_scale per column of expert e or one value per expert. Rows of expert e
-// are expert_offsets[e] .. expert_offsets[e+1]. a [M,K] e4m3 row-major, b [E,N,K] e4m3 (each
+// are expert_offsets[e] .. expert_offsets[e+1]. Block-scaled (block_scaled = true): a_scale
+// [M, K/128] (per row per 128 columns) and b_scale [E, N/128, K/128] (per 128x128 weight block),
+// both row-major, applied to each 128-wide K block's partial sum. a [M,K] e4m3 row-major, b [E,N,K] e4m3 (each
 // expert's [N,K] row-major: the K-major "column-major B" of CUTLASS), out [M,N] bf16. Problem
 // sizes, pointers and strides are built on the device.
 struct GroupedGemmFp8Args {
   const void* a;
   const void* b;
-  const float* a_scale;          // [M] if a_per_token, else [1]
-  const float* b_scale;          // [E, N] if b_per_channel, else [E]
+  const float* a_scale;          // [M] if a_per_token, else [1]; [M, K/128] if block_scaled
+  const float* b_scale;          // [E, N] if b_per_channel, else [E]; [E, N/128, K/128] if block_scaled
   const int64_t* expert_offsets; // [E+1]
   void* out;
   int64_t m;                     // rows of a and out
@@ -28,12 +30,15 @@ struct GroupedGemmFp8Args {
   int sm_count;
   bool a_per_token;
   bool b_per_channel;
+  bool block_scaled;
 };
 
 // One CUTLASS configuration (one .cu file each): its scratch and workspace sizes and its launch,
 // which returns an empty string on success, else what went wrong (CUTLASS status or CUDA error).
+// A configuration serves either block-scaled calls or the others (per tensor/token/channel).
 struct GroupedGemmFp8Kernel {
   const char* name;
+  bool block_scaled;
   size_t (*scratch_bytes)(int num_experts);
   size_t (*workspace_bytes)(int sm_count);
   const char* (*launch)(const GroupedGemmFp8Args& args, cudaStream_t stream);
@@ -42,6 +47,7 @@ struct GroupedGemmFp8Kernel {
 // The configuration for this many rows per expert on average (T * topk / E: known on the host
 // without reading the routing) and this K. The rule and its measurements: grouped_gemm_fp8.cpp.
 const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert, int64_t k);
+const GroupedGemmFp8Kernel& select_grouped_gemm_fp8_block(int64_t avg_rows_per_expert, int64_t k);
 
 // Every compiled configuration, and the one of this name (nullptr if none): the tuning override
 // MOE_KERNELS_GEMM_CONFIG=<name> and the tests that run each configuration use them.

@@ -26,14 +26,18 @@ int sm_count(int device) {
 }
 
 // The configuration by rows per expert, unless MOE_KERNELS_GEMM_CONFIG names one (a tuning and
-// testing override, read at each call: it is a host-side getenv, no device work).
-const GroupedGemmFp8Kernel& pick_kernel(int64_t avg_rows_per_expert, int64_t depth) {
+// testing override, read at each call: it is a host-side getenv, no device work). A forced
+// configuration applies to the calls of its kind (block-scaled or not); calls of the other kind
+// keep the table's choice, so that forcing one kind leaves a layer mixing both runnable.
+const GroupedGemmFp8Kernel& pick_kernel(int64_t avg_rows_per_expert, int64_t depth, bool block_scaled) {
+  const GroupedGemmFp8Kernel& chosen = block_scaled ? select_grouped_gemm_fp8_block(avg_rows_per_expert, depth)
+                                                    : select_grouped_gemm_fp8(avg_rows_per_expert, depth);
   const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
-  if (forced == nullptr || forced[0] == '\0') return select_grouped_gemm_fp8(avg_rows_per_expert, depth);
+  if (forced == nullptr || forced[0] == '\0') return chosen;
   const GroupedGemmFp8Kernel* k = find_grouped_gemm_fp8(forced);
   TORCH_CHECK(k != nullptr, "cutlass_grouped_gemm_fp8: MOE_KERNELS_GEMM_CONFIG=", forced,
               " names no compiled configuration; see moe_kernels.grouped_gemm_fp8_configs()");
-  return *k;
+  return k->block_scaled == block_scaled ? *k : chosen;
 }
 
 at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
@@ -45,7 +49,8 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
   auto out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
   if (a.size(0) == 0 || E == 0) return out;
   const int sms = sm_count(a.get_device());
-  const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0) / E, a.size(1));
+  const bool block_scaled = b_scales.dim() == 3;
+  const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0) / E, a.size(1), block_scaled);
   auto bytes = a.options().dtype(at::kByte);
   at::Tensor scratch = at::empty({static_cast<int64_t>(kernel.scratch_bytes(E))}, bytes);
   at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.workspace_bytes(sms)) + 1}, bytes);
@@ -63,7 +68,8 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
                           workspace.data_ptr(),
                           sms,
                           /*a_per_token=*/a_scales.numel() != 1,
-                          /*b_per_channel=*/b_scales.numel() != E};
+                          /*b_per_channel=*/b_scales.numel() != E,
+                          block_scaled};
   const char* err = kernel.launch(args, current_stream());
   TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8 (", kernel.name, "): ", err);
   return out;
@@ -82,6 +88,17 @@ at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& b, const 
     TORCH_CHECK(off[e] >= (e == 0 ? 0 : off[e - 1]) && off[e] <= a.size(0),
                 "cutlass_grouped_gemm_fp8: expert_offsets must be non-decreasing within [0, M=", a.size(0), "], got ",
                 off[e], " at index ", e);
+  }
+  if (b_scales.dim() == 3) {
+    // Block-scaled: dequantize each 128-column group of a row and each 128x128 block of a weight,
+    // then one fp32 matmul (the same sum as scaling each K block's partial sum).
+    const at::Tensor a_deq = a.to(at::kFloat) * a_scales.repeat_interleave(128, 1);
+    for (int64_t e = 0; e < E; ++e) {
+      if (off[e + 1] <= off[e]) continue;
+      const at::Tensor w = b[e].to(at::kFloat) * b_scales[e].repeat_interleave(128, 0).repeat_interleave(128, 1);
+      out.slice(0, off[e], off[e + 1]).copy_(at::matmul(a_deq.slice(0, off[e], off[e + 1]), w.t()));
+    }
+    return out;
   }
   // a_scale: [1, 1] or [M, 1]; b_scale of expert e: [1] or [N] (broadcast over rows).
   const at::Tensor as = a_scales.reshape({-1, 1});

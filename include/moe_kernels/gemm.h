@@ -11,6 +11,8 @@ namespace moe_kernels {
 
 // a [M,K] e4m3 rows grouped by expert, b [E,N,K] e4m3, a_scales [1] or [M] f32, b_scales [E] or
 // [E,N] f32, expert_offsets [E+1] int64 -> [M,N] bf16 = a_scale * b_scale[e] * (a[rows of e] @ b[e]^T).
+// Block-scaled when b_scales is 3-D: a_scales [M, K/128] (per row per 128 columns) and b_scales
+// [E, N/128, K/128] (per 128x128 weight block), applied per 128-wide K block; K, N multiples of 128.
 at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
                                     const at::Tensor& b_scales, const at::Tensor& expert_offsets,
                                     std::optional<at::ScalarType> out_dtype = std::nullopt);

@@ -11,21 +11,28 @@ _ops = torch.ops.moe_kernels
 def cutlass_grouped_gemm_fp8(a: Tensor, b: Tensor, a_scales: Tensor, b_scales: Tensor, expert_offsets: Tensor,
                              out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Grouped GEMM over experts: ``out[r, c] = a_scale[r] * b_scale[e, c] * (a[r] @ b[e, c])`` for
-    the rows r of expert e (a scale broadcasts where it is per tensor / per expert).
+    the rows r of expert e (a scale broadcasts where it is per tensor / per expert); or, block-scaled,
+    ``out[r, c] = sum_kb a_scale[r, kb] * b_scale[e, c // 128, kb] * (a[r, kb] @ b[e, c, kb])`` over
+    the 128-wide K blocks kb (the DeepSeek-V3 / Qwen3-FP8 checkpoint format).
 
     Args:
         a: [M, K] float8_e4m3fn, rows grouped by expert (as moe_permute leaves them); K % 16 == 0.
         b: [E, N, K] float8_e4m3fn, each expert's weight [N, K] row-major; N % 8 == 0.
-        a_scales: [1] float32 per tensor, or [M] / [M, 1] per token (row).
-        b_scales: [E] float32 per expert, or [E, N] per output channel.
+        a_scales: [1] float32 per tensor, or [M] / [M, 1] per token (row); block-scaled:
+            [M, K // 128] row-major, one per row per 128 columns (per_token_group_quant_fp8).
+        b_scales: [E] float32 per expert, or [E, N] per output channel; or [E, N // 128, K // 128]
+            per 128x128 weight block (the checkpoints' ``weight_scale_inv``), which selects the
+            block-scaled mode (then K and N must be multiples of 128).
         expert_offsets: [E + 1] int64, rows of expert e are expert_offsets[e]:expert_offsets[e+1].
         out_dtype: bfloat16 (the default; the only one supported).
     Returns:
         [M, N] bfloat16; rows at and past expert_offsets[-1] are not written.
 
     Problem sizes, pointers and strides are built on the device from expert_offsets: no host sync,
-    CUDA-graph capturable; experts with no rows cost nothing. Every scale granularity is applied in
-    the CUTLASS epilogue, ``bf16(a_scale * (b_scale * acc))`` with an fp32 accumulator. The tile
+    CUDA-graph capturable; experts with no rows cost nothing. Per-tensor/token/channel scales are
+    applied in the CUTLASS epilogue, ``bf16(a_scale * (b_scale * acc))`` with an fp32 accumulator;
+    block scales in the mainloop, each K block's partial sum scaled before it joins the fp32
+    accumulator. The tile
     configuration is chosen by rows per expert (``M // E``); the environment variable
     ``MOE_KERNELS_GEMM_CONFIG`` forces one of :func:`grouped_gemm_fp8_configs` (for tuning).
     """
