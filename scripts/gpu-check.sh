@@ -7,6 +7,7 @@
 #   BENCH="bench/bench_permute.py" PYTEST_ARGS="-k permute" bash scripts/gpu-check.sh
 #   (PYTEST_ARGS is split on spaces: write -k expressions without spaces, e.g. -k gemm)
 #   GEMM_TRIAL=1 ...                          # also build the trial GEMM configurations
+#   GEMM_BLOCK_TRIAL=1 ...                    # also build the trial block-scaled GEMM configurations
 #
 # Where the machine lacks the CUTLASS headers, stage the nvidia-cutlass wheel in .whl/ first
 # (../shared/gpu/stage-wheels.sh); this script installs .whl/*.whl into /tmp/site when present.
@@ -37,7 +38,8 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 if stage build; then
   start=$SECONDS
   trial=()
-  [ -n "${GEMM_TRIAL:-}" ] && trial=(--config-settings=cmake.define.MOE_KERNELS_GEMM_TRIAL=ON)
+  [ -n "${GEMM_TRIAL:-}" ] && trial+=(--config-settings=cmake.define.MOE_KERNELS_GEMM_TRIAL=ON)
+  [ -n "${GEMM_BLOCK_TRIAL:-}" ] && trial+=(--config-settings=cmake.define.MOE_KERNELS_GEMM_BLOCK_TRIAL=ON)
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install --no-build-isolation --no-deps -v "${trial[@]}" . \
     > "$OUT/build.log" 2>&1
   rc=$?

@@ -23,6 +23,13 @@ namespace moe_kernels {
 #else
 #define MOE_KERNELS_TRIAL_CONFIGS(X)
 #endif
+#ifdef MOE_KERNELS_GEMM_BLOCK_TRIAL
+#define MOE_KERNELS_BLOCK_TRIAL_CONFIGS(X)                                                         \
+  X(block_coop_128x128x128_c2x1) X(block_coop_128x128x128_c1x1) X(block_pingpong_64x128x128_c1x2)   \
+  X(block_pingpong_64x128x128_c2x1)
+#else
+#define MOE_KERNELS_BLOCK_TRIAL_CONFIGS(X)
+#endif
 
 #define MOE_KERNELS_DECLARE_KIND(name, block)                                                     \
   size_t grouped_gemm_fp8_##name##_scratch_bytes(int);                                           \
@@ -36,6 +43,7 @@ namespace moe_kernels {
 MOE_KERNELS_DEFAULT_CONFIGS(MOE_KERNELS_DECLARE_CONFIG)
 MOE_KERNELS_TRIAL_CONFIGS(MOE_KERNELS_DECLARE_CONFIG)
 MOE_KERNELS_BLOCK_CONFIGS(MOE_KERNELS_DECLARE_BLOCK_CONFIG)
+MOE_KERNELS_BLOCK_TRIAL_CONFIGS(MOE_KERNELS_DECLARE_BLOCK_CONFIG)
 #undef MOE_KERNELS_DECLARE_BLOCK_CONFIG
 #undef MOE_KERNELS_DECLARE_CONFIG
 #undef MOE_KERNELS_DECLARE_KIND
@@ -44,7 +52,8 @@ namespace {
 #define MOE_KERNELS_CONFIG_ADDRESS(name) &k_##name,
 const GroupedGemmFp8Kernel* const kConfigs[] = {MOE_KERNELS_DEFAULT_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)
                                                     MOE_KERNELS_TRIAL_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)
-                                                        MOE_KERNELS_BLOCK_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)};
+                                                        MOE_KERNELS_BLOCK_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)
+                                                            MOE_KERNELS_BLOCK_TRIAL_CONFIGS(MOE_KERNELS_CONFIG_ADDRESS)};
 #undef MOE_KERNELS_CONFIG_ADDRESS
 }  // namespace
 

@@ -1,0 +1,7 @@
+// Block-scaled trial configuration (built with MOE_KERNELS_GEMM_TRIAL=ON), measured against the
+// defaults by bench/bench_gemm_block.py --configs.
+#include "gemm/grouped_gemm_fp8_blockwise_sm90.cuh"
+
+MOE_KERNELS_GROUPED_GEMM_FP8_BLOCKWISE_DEFINE(block_pingpong_64x128x128_c1x2, 64, 128, 128, 1, 2,
+                                              cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
+                                              cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong)
