@@ -86,8 +86,14 @@ const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert,
 }
 
 // Block-scaled: 64-row ping-pong tiles while an expert's rows fit one of them (decode: the GEMM
-// streams the weights), 128x128 cooperative above. First choice from the per-channel trial and
-// SGLang's/CUTLASS's published configurations; bench gemm_block measures it.
+// streams the weights), 128x128 cooperative above. Measured on H100 against four trial
+// configurations (MOE_KERNELS_GEMM_BLOCK_TRIAL; bench/results/gemm_block_configs_*.json), DeepSeek-V3
+// and Qwen3-235B shapes, T = 16 .. 16384: at <= 64 rows per expert every configuration streams the
+// weights at the same rate (within ~5%, 2x1 clusters slower); above, 128x128 cooperative with 1x2
+// clusters is the fastest everywhere (DeepSeek T=16384 GEMM1 8.3 ms against 9.0 (1x1 cluster),
+// 9.5 (2x1) and 10.9-20 ms (64-row ping-pong)). Wider tiles are not an option: the blockwise
+// mainloop holds a second fp32 accumulator for the per-K-block promotion, so a 64x256 warpgroup
+// tile would need ~256 registers per thread, and N tiles must be whole 128-wide scale blocks.
 const GroupedGemmFp8Kernel& select_grouped_gemm_fp8_block(int64_t avg_rows_per_expert, int64_t /*k*/) {
   if (avg_rows_per_expert <= 64) return k_block_pingpong_64x128x128_c1x1;
   return k_block_coop_128x128x128_c1x2;
