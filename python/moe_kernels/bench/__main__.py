@@ -54,10 +54,11 @@ def main(argv=None) -> int:
     env = report.environment()
     print(report.format_table(rows))
     for name, value in ctx.ceilings.items():
-        print(f"ceiling {name}: {report.ceiling_text(name, value)}")
+        print(f"ceiling {name}: {report.ceiling_text(name, value, ctx.ceiling_details.get(name))}")
     out_dir = args.out or report.default_out_dir()
     path = args.json or report.result_path(out_dir, env, args.ops, args.quick)
-    saved = report.save(path, env, ctx.ceilings, rows, {k: v for k, v in vars(args).items() if k != "model_list"})
+    ceilings = {name: {"value": v, **ctx.ceiling_details.get(name, {})} for name, v in ctx.ceilings.items()}
+    saved = report.save(path, env, ceilings, rows, {k: v for k, v in vars(args).items() if k != "model_list"})
     print(f"{len(rows)} rows in {time.time() - start:.0f} s, saved {saved}")
     bad = report.suspects(rows)
     if bad:

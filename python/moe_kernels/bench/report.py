@@ -91,7 +91,11 @@ def suspects(rows: List[dict]) -> List[dict]:
     return [r for r in rows if r.get("ceiling_suspect")]
 
 
-def ceiling_text(name: str, value: float) -> str:
+def ceiling_text(name: str, value: float, details: Optional[dict] = None) -> str:
+    details = details or {}
     if name == "copy":
-        return f"{value / 1e9:.0f} GB/s (read + write)"
-    return f"{value / 1e12:.0f} TFLOP/s"
+        forms = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in details.get("forms_Bps", {}).items())
+        memcpy = details.get("graph_memcpy_Bps")
+        memcpy = f"; graph memcpy {memcpy / 1e9:.0f} GB/s, not used" if isinstance(memcpy, float) else ""
+        return f"{value / 1e9:.0f} GB/s read + write, best SM copy kernel of: {forms}{memcpy}"
+    return f"{value / 1e12:.0f} TFLOP/s ({details.get('how', '')})"
