@@ -1,7 +1,8 @@
 """The whole FP8 expert layer (cutlass_moe_fp8: quantize, permute, GEMM1, silu*mul + quantize,
 GEMM2, weighted unpermute) against the layers a user writes from torch ops alone (FP8 through
-torch._scaled_grouped_mm, bf16 through torch._grouped_mm), with the time of each of its steps on
-the same routing, and the FP8 dense peak.
+torch._scaled_grouped_mm, bf16 through torch._grouped_mm) and Hugging Face transformers' bf16
+experts backends (grouped_mm, batched_mm; "n/a" without transformers), with the time of each of
+its steps on the same routing, and the FP8 dense peak.
 
 FLOPs: 6*M*H*I (GEMM1 2*M*2I*H + GEMM2 2*M*H*I), M = T*K.
 """
@@ -11,12 +12,15 @@ import torch.nn.functional as F
 
 import moe_kernels
 
+from . import hf_experts
 from .gemm import routed_offsets
 from .harness import FP8, Context
 
 TOKENS = [16, 128, 1024, 4096, 16384]
 QUICK_TOKENS = [16, 1024, 4096]
 STEPS = ("gemm1", "gemm2", "quant", "permute", "silu_quant", "unpermute")
+PEERS = ["torch_fp8", "torch_bf16", "hf_grouped_mm", "hf_batched_mm"]
+HF_CHECK_TOL = 0.05  # HF's bf16 layer vs ours in bf16: relative max error of a correct call ~1e-2
 
 
 def _plain_permute(ids, E):
@@ -72,6 +76,28 @@ def weights(m):
     return w1b, w2b, w1b.to(FP8), w2b.to(FP8)
 
 
+def hf_peer(impl, m, T, w1b, w2b, x, ids, w):
+    """HF's `impl` backend as a callable of no arguments, checked against the bf16 torch layer on
+    these inputs (a wrongly called peer would be timed on wrong work); or why it is n/a."""
+    if impl == "batched_mm":  # it gathers each choice's expert weights: T*K copies of w1 and w2
+        need = T * m.K * 3 * m.I * m.H * 2
+        if need > torch.cuda.mem_get_info()[0] // 4:
+            return f"n/a (batched_mm would gather {need / 2**30:.0f} GiB of weights)"
+    fn = hf_experts.experts(impl, w1b, w2b)
+    if isinstance(fn, str):
+        return fn
+    ids64, wb = ids.long(), w.to(torch.bfloat16)  # what HF's routers hand their experts
+    try:
+        got = fn(x, ids64, wb).float()
+    except Exception as e:  # noqa: BLE001
+        return f"n/a ({type(e).__name__}: {str(e)[:80]})"
+    want = torch_bf16_layer(x, w1b, w2b, w, ids, m.E).float()
+    err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
+    if err > HF_CHECK_TOL:
+        return f"n/a (output differs from the torch layer: relative max error {err:.2g})"
+    return lambda: fn(x, ids64, wb)
+
+
 def layer_row(ctx, m, T, w1b, w2b, w1, w2):
     E, K, H, I = m.E, m.K, m.H, m.I
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -88,10 +114,12 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2):
     h2 = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
     xq_tokens, _ = moe_kernels.scaled_fp8_quant(x, a1)
     _, _, inv, _ = moe_kernels.moe_permute(xq_tokens, ids, E)
+    hf = {f"hf_{impl}": hf_peer(impl, m, T, w1b, w2b, x, ids, w) for impl in ("grouped_mm", "batched_mm")}
     t = ctx.measure({
         "ours": lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2),
         "torch_fp8": lambda: torch_fp8_layer(x, w1, w2, sr1, sr2, w, ids, E),
         "torch_bf16": lambda: torch_bf16_layer(x, w1b, w2b, w, ids, E),
+        **{name: fn for name, fn in hf.items() if not isinstance(fn, str)},
         "gemm1": lambda: moe_kernels.cutlass_grouped_gemm_fp8(xq, w1, a1, s, offsets),
         "gemm2": lambda: moe_kernels.cutlass_grouped_gemm_fp8(yq, w2, a2, s, offsets),
         "quant": lambda: moe_kernels.scaled_fp8_quant(x, a1),
@@ -103,7 +131,8 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2):
     gemm_share = None
     if all(isinstance(t[k], float) for k in ("ours", "gemm1", "gemm2")):
         gemm_share = (t["gemm1"] + t["gemm2"]) / t["ours"]
-    return ctx.row("layer", m, T, t, 6 * M * H * I, "fp8", peers=["torch_fp8", "torch_bf16"],
+    t.update({name: why for name, why in hf.items() if isinstance(why, str)})
+    return ctx.row("layer", m, T, t, 6 * M * H * I, "fp8", peers=PEERS,
                    gemm_share=gemm_share, **steps)
 
 
