@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu-check.sh                 # everything
 #   STAGES="build test" bash scripts/gpu-check.sh
-#   BENCH="bench/bench_permute.py" PYTEST_ARGS="-k permute" bash scripts/gpu-check.sh
+#   BENCH_ARGS="--ops permute --quick" PYTEST_ARGS="-k permute" bash scripts/gpu-check.sh
 #   (PYTEST_ARGS is split on spaces: write -k expressions without spaces, e.g. -k gemm)
 #   GEMM_TRIAL=1 ...                          # also build the trial GEMM configurations
 #   GEMM_BLOCK_TRIAL=1 ...                    # also build the trial block-scaled GEMM configurations
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 STAGES=${STAGES:-"build test sanitize bench"}
-BENCH=${BENCH:-"$(ls bench/bench_*.py 2>/dev/null | tr '\n' ' ')"}
+BENCH_ARGS=${BENCH_ARGS:-}  # arguments of python3 -m moe_kernels.bench (default: every op, every model)
 PYTEST_ARGS=${PYTEST_ARGS:-}
 summary=()
 status=0
@@ -71,20 +71,19 @@ if stage sanitize; then
 fi
 
 if stage bench; then
-  for b in $BENCH; do
-    log="$OUT/$(basename "$b" .py).log"
-    python3 "$b" > "$log" 2>&1
-    rc=$?
-    [ $rc -ne 0 ] && status=$rc
-    summary+=("$b: rc=$rc")
-    cp bench/results/*.json "$OUT/" 2>/dev/null
-  done
+  # The installed package's benchmarks (run from the repository root, which has no moe_kernels/
+  # directory of its own, so the import finds the installed copy); the JSON goes to bench/results
+  # and is copied to $OUT.
+  python3 -m moe_kernels.bench $BENCH_ARGS > "$OUT/bench.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && status=$rc
+  summary+=("python3 -m moe_kernels.bench $BENCH_ARGS: rc=$rc (log: bench.log)")
+  saved=$(grep -o 'saved .*\.json' "$OUT/bench.log" | tail -1 | cut -d' ' -f2-)
+  [ -n "$saved" ] && cp "$saved" "$OUT/"
 fi
 
 echo
 echo "================ summary ================"
-for b in $BENCH; do
-  stage bench && { echo "--- $b"; grep -v '^saved' "$OUT/$(basename "$b" .py).log" | tail -60; }
-done
+stage bench && { echo "--- python3 -m moe_kernels.bench $BENCH_ARGS"; grep -v '^saved' "$OUT/bench.log" | tail -120; }
 printf '%s\n' "${summary[@]}"
 exit $status

@@ -1,32 +1,22 @@
-"""ep_pre_reorder and ep_post_reorder of one expert-parallel rank (rank 0's experts) against the
-plain PyTorch formulas and the copy bandwidth.
+"""ep_pre_reorder and ep_post_reorder of one expert-parallel rank (rank 0 of `model.ep_ranks`)
+against the plain PyTorch formulas, and the copy bandwidth.
 
 Bytes counted (bf16 rows of H elements; only what the rank needs, from the routing of each set):
   pre:  read the rows of the tokens with at least one local choice, write one row per local
         choice (bf16, or 1 byte per element with fp8)
   post: read one row per local choice, write T rows (tokens without a local choice get zeros)
 (ids, src2dst, weights and scales are negligible: at most 8*K bytes per token.)
-Run: python bench/bench_ep.py  (prints a table, writes bench/results/ep_*.json)
 """
-
-import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import moe_kernels
 
-import moe_kernels  # noqa: E402
+from .harness import FP8, Context, sets_for
 
-FP8 = torch.float8_e4m3fn
-MODELS = {  # name: (E, K, H, ranks)
-    "deepseek-v3/8": (256, 8, 7168, 8),
-    "qwen3-235b/4": (128, 8, 4096, 4),
-}
 TOKENS = [64, 1024, 4096, 16384]
-OPS = ["pre", "pre_fp8_tensor", "pre_fp8_token", "post"]
+QUICK_TOKENS = [16, 1024, 4096]
+OPS = ["ep_pre", "ep_pre_fp8_tensor", "ep_pre_fp8_token", "ep_post"]
 
 
 def torch_pre(x, src2dst, ids, start, end, scale=None):
@@ -72,11 +62,11 @@ def make_set(T, E, K, H, start, end):
 def calls(op, start, end):
     """(ours, peer): functions of one set."""
     pre, post = moe_kernels.ep_pre_reorder, moe_kernels.ep_post_reorder
-    if op == "pre":
+    if op == "ep_pre":
         return (lambda s: pre(s["x"], s["src2dst"], s["ids"], start, end),
                 lambda s: torch_pre(s["x"], s["src2dst"], s["ids"], start, end))
-    if op in ("pre_fp8_tensor", "pre_fp8_token"):
-        key = "tensor_scale" if op == "pre_fp8_tensor" else "token_scale"
+    if op in ("ep_pre_fp8_tensor", "ep_pre_fp8_token"):
+        key = "tensor_scale" if op == "ep_pre_fp8_tensor" else "token_scale"
         return (lambda s: pre(s["x"], s["src2dst"], s["ids"], start, end, s[key], FP8),
                 lambda s: torch_pre(s["x"], s["src2dst"], s["ids"], start, end, s[key]))
     return (lambda s: post(s["down"], s["src2dst"], s["ids"], s["w"], start, end),
@@ -84,50 +74,25 @@ def calls(op, start, end):
 
 
 def bytes_needed(op, T, H, tokens_read, local_choices):
-    elem = 2
-    if op == "post":
-        return local_choices * H * elem + T * H * elem
-    out_elem = 2 if op == "pre" else 1
-    return tokens_read * H * elem + local_choices * H * out_elem
+    if op == "ep_post":
+        return local_choices * H * 2 + T * H * 2
+    out_elem = 2 if op == "ep_pre" else 1
+    return tokens_read * H * 2 + local_choices * H * out_elem
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
-    parser.add_argument("--models", nargs="*", default=list(MODELS))
-    parser.add_argument("--ops", nargs="*", default=OPS)
-    args = parser.parse_args()
-
-    bw = harness.copy_bandwidth()
+def run(ctx: Context) -> list:
     rows = []
-    for name in args.models:
-        E, K, H, ranks = MODELS[name]
-        start, end = 0, E // ranks - 1  # rank 0
-        for T in args.tokens:
-            # A set holds x, down_output (T*K rows) and the routing: rotate enough to defeat L2.
-            n = harness.sets_for(T * H * 2 * (1 + K))
-            sets = [make_set(T, E, K, H, start, end) for _ in range(n)]
-            tokens_read = sum(s["counts"][0] for s in sets) / n
-            local = sum(s["counts"][1] for s in sets) / n
-            for op in args.ops:
-                ours_fn, peer_fn = calls(op, start, end)
-                ours = harness.time_per_call(ours_fn, [(s,) for s in sets])
-                peer = harness.time_per_call(peer_fn, [(s,) for s in sets])
-                nbytes = bytes_needed(op, T, H, tokens_read, local)
-                rows.append({
-                    "model": name, "op": op, "T": T, "experts": f"[{start},{end}]",
-                    "local_choices": local, "tokens_read": tokens_read,
-                    "us": ours * 1e6, "torch_us": peer * 1e6, "speedup": peer / ours,
-                    "GB/s": nbytes / ours / 1e9, "frac_copy_bw": nbytes / ours / bw,
-                })
-            del sets
-            torch.cuda.empty_cache()
-    harness.print_table(rows, ["model", "op", "T", "local_choices", "us", "torch_us", "speedup", "GB/s",
-                               "frac_copy_bw"])
-    print(f"copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
-    path = harness.save("ep", {"copy_bandwidth_Bps": bw}, rows)
-    print(f"saved {path}")
-
-
-if __name__ == "__main__":
-    main()
+    for m, T in ctx.grid(TOKENS, QUICK_TOKENS):
+        start, end = 0, m.E // m.ep_ranks - 1  # rank 0
+        # A set holds x, down_output (T*K rows) and the routing: rotate enough to defeat L2.
+        sets = [make_set(T, m.E, m.K, m.H, start, end) for _ in range(sets_for(T * m.H * 2 * (1 + m.K)))]
+        tokens_read = sum(s["counts"][0] for s in sets) / len(sets)
+        local = sum(s["counts"][1] for s in sets) / len(sets)
+        for op in OPS:
+            ours, peer = calls(op, start, end)
+            t = ctx.measure({"ours": ours, "torch": peer}, [(s,) for s in sets])
+            rows.append(ctx.row(op, m, T, t, bytes_needed(op, T, m.H, tokens_read, local), "copy",
+                                ranks=m.ep_ranks, experts=f"[{start},{end}]", local_choices=local,
+                                tokens_read=tokens_read))
+        del sets
+    return rows

@@ -1,0 +1,22 @@
+"""Benchmarks of the moe_kernels ops on the MoE shapes of real models, each against its peers in
+the same run: `python -m moe_kernels.bench --help`.
+
+Each benchmark is a module with TOKENS, QUICK_TOKENS and run(ctx: harness.Context) -> rows;
+adding one is a new module and one line in OPS.
+"""
+
+import importlib
+
+OPS = {  # name on the command line: module
+    "permute": "moe_kernels.bench.permute",
+    "routing": "moe_kernels.bench.routing",
+    "ep": "moe_kernels.bench.ep",
+    "quant": "moe_kernels.bench.quant",
+    "gemm": "moe_kernels.bench.gemm",
+    "layer": "moe_kernels.bench.layer",
+}
+
+
+def load(name: str):
+    """The benchmark module registered as `name`."""
+    return importlib.import_module(OPS[name])

@@ -1,0 +1,80 @@
+"""The FP8 grouped GEMM (per-tensor and rowwise scales) against torch._scaled_grouped_mm (FP8,
+rowwise scales) and torch._grouped_mm (bf16), on the two GEMMs of each model's MoE layer, and the
+FP8 dense peak.
+
+FLOPs: 2*M*N*K per grouped GEMM, M = T*K rows spread over E experts by random routing.
+gemm1: N = 2I, K = H; gemm2: N = H, K = I. Context.gemm_configs forces compiled configurations
+(MOE_KERNELS_GEMM_CONFIG, read on the host at capture time); None is the automatic choice.
+"""
+
+import os
+
+import torch
+
+import moe_kernels
+
+from .harness import FP8, Context
+
+TOKENS = [16, 128, 1024, 4096, 16384]
+QUICK_TOKENS = [16, 1024, 4096]
+
+
+def routed_offsets(T, K, E):
+    """Expert offsets [E+1] int64 and ids [T, K] int32 of a random routing."""
+    ids = torch.rand(T, E, device="cuda").argsort(dim=1)[:, :K]
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    offsets = torch.zeros(E + 1, dtype=torch.int64, device="cuda")
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, ids.int()
+
+
+def weights(m):
+    """bf16 and fp8 weights of both GEMMs: {name: (N, K, bf16 [E,N,K], fp8 [E,N,K])}."""
+    out = {}
+    for name, N, K in (("gemm1", 2 * m.I, m.H), ("gemm2", m.H, m.I)):
+        b = torch.randn(m.E, N, K, device="cuda", dtype=torch.bfloat16)
+        out[name] = (N, K, b, b.to(FP8))
+    return out
+
+
+def gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets):
+    M = T * m.K
+    a16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    a8 = a16.to(FP8)
+    a_s, b_s = torch.ones(1, device="cuda"), torch.ones(m.E, device="cuda")
+    sa, sb = torch.ones(M, device="cuda"), torch.ones(m.E, N, device="cuda")
+    offs = offsets[1:].to(torch.int32)  # the peers' int32 cumulative row ends
+    b8t, b16t = b8.transpose(1, 2), b16.transpose(1, 2)
+    gemm = moe_kernels.cutlass_grouped_gemm_fp8
+    rows = []
+    for config in ctx.gemm_configs:
+        if config:
+            os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
+        try:
+            t = ctx.measure({
+                "tensor": lambda: gemm(a8, b8, a_s, b_s, offsets),
+                "rowwise": lambda: gemm(a8, b8, sa, sb, offsets),
+                "torch_scaled_grouped_mm": lambda: torch._scaled_grouped_mm(
+                    a8, b8t, sa, sb, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True),
+                "torch_grouped_mm_bf16": lambda: torch._grouped_mm(a16, b16t, offs=offs),
+            })
+        finally:
+            os.environ.pop("MOE_KERNELS_GEMM_CONFIG", None)
+        peers = [k for k in t if k.startswith("torch")]
+        for ours in ("tensor", "rowwise"):
+            rows.append(ctx.row(name if ours == "tensor" else f"{name}_rowwise", m, T, t, 2 * M * N * K, "fp8",
+                                ours=ours, peers=peers, config=config or "auto", M=M, N=N, K=K))
+    return rows
+
+
+def run(ctx: Context) -> list:
+    rows, current, w = [], None, None
+    for m, T in ctx.grid(TOKENS, QUICK_TOKENS):
+        if m is not current:
+            current, w = m, None
+            torch.cuda.empty_cache()
+            w = weights(m)
+        offsets, _ = routed_offsets(T, m.K, m.E)
+        for name, (N, K, b16, b8) in w.items():
+            rows += gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets)
+    return rows

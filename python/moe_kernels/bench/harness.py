@@ -1,0 +1,255 @@
+"""The harness every benchmark shares: graph-captured timing with rotating inputs, the device
+ceilings measured in the same run, and the result rows.
+
+Timing: each contender is captured in a CUDA graph that calls it once per input set (sets rotate
+so that their total size exceeds L2 and every call reads from memory); the graphs are replayed in
+turns, `rounds` times `reps` replays each, each replay timed with CUDA events; the median replay
+time divided by the number of sets is the time of one call. Graphs remove the CPU launch gaps, so
+small-T numbers are kernel time, not Python time. Turns make clock drift (long FP8 GEMMs move the
+clock with power and temperature by up to ~20% within a run) fall on every contender alike. A
+contender that cannot be captured (it syncs the host) is timed eagerly, launch gaps included, and
+the row says so.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .models import Model
+
+L2_ROTATION_BYTES = 256 << 20  # rotate inputs until this many bytes: several times the H100/H200 L2
+FP8 = torch.float8_e4m3fn
+
+
+def sets_for(bytes_per_set: float, max_sets: int = 64) -> int:
+    """How many input sets to rotate through so that they do not fit in L2 together."""
+    return max(1, min(max_sets, math.ceil(L2_ROTATION_BYTES / max(1, bytes_per_set))))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:80] if text else ''}"
+
+
+def _capture(fn: Callable, arg_sets: Sequence[tuple]) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph that calls fn once per arg set (warmed up outside the capture first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in arg_sets[:2]:  # warm-up outside capture (lazy init, allocator, autotuning)
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in arg_sets:
+            fn(*args)
+    return graph
+
+
+def _timed_ms(run: Callable[[], None], reps: int) -> List[float]:
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        start[i].record()
+        run()
+        end[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(start, end)]
+
+
+class Times(dict):
+    """Contender name -> seconds per call, or the error that stopped it; `notes` says which
+    contenders were timed eagerly (launch gaps included) because they could not be captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.notes: Dict[str, str] = {}
+
+
+def _eager(fn: Callable, arg_sets: Sequence[tuple]) -> Callable[[], None]:
+    def run():
+        for args in arg_sets:
+            fn(*args)
+    return run
+
+
+def measure(fns: Dict[str, Callable], arg_sets: Sequence[tuple] = ((),), reps: int = 10, rounds: int = 3) -> Times:
+    """Median seconds per call of each fn(*args) over the arg sets, timed in turns."""
+    arg_sets = list(arg_sets)
+    runners: Dict[str, Callable[[], None]] = {}
+    result = Times()
+    for name, fn in fns.items():
+        try:
+            runners[name] = _capture(fn, arg_sets).replay
+        except Exception as e:  # noqa: BLE001  (a peer may be missing, or sync the host)
+            torch.cuda.synchronize()
+            try:
+                _eager(fn, arg_sets[:2])()
+                torch.cuda.synchronize()
+            except Exception as e2:  # noqa: BLE001
+                result[name] = _first_line(e2)
+                continue
+            runners[name] = _eager(fn, arg_sets)
+            result.notes[name] = f"timed eagerly, not capturable ({_first_line(e)})"
+    for run in runners.values():
+        run()
+    times: Dict[str, List[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name] += _timed_ms(run, reps)
+    runners.clear()
+    for name, t in times.items():
+        result[name] = sorted(t)[len(t) // 2] / 1e3 / len(arg_sets)
+    ordered = Times()
+    ordered.update((name, result[name]) for name in fns)
+    ordered.notes = result.notes
+    return ordered
+
+
+def _kernel_names(fn: Callable) -> Optional[List[str]]:
+    """Names of the device activities of one call of fn (kernels, memcpy, memset), or None where
+    the profiler cannot say."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        names = sorted({e.name for e in prof.events() if e.device_type == DeviceType.CUDA})
+        return names or None
+    except Exception:  # noqa: BLE001  (no CUPTI: the check is skipped, the forms still run)
+        return None
+
+
+def copy_forms(x: torch.Tensor, y: torch.Tensor) -> Dict[str, Callable]:
+    """Ways to copy x into y (same bytes, fp32) through an SM kernel. A plain y.copy_(x) of equal
+    dtypes becomes cudaMemcpyAsync, which a CUDA graph records as a memcpy node run by the copy
+    engines: on an H100 it reaches ~2.4 TB/s where an SM kernel reaches ~3.0 TB/s, so it would
+    inflate every fraction by ~24%. A dtype conversion or an arithmetic op forces an elementwise
+    kernel (vectorized on contiguous tensors)."""
+    xb, yb = x.view(torch.bfloat16), y.view(torch.bfloat16)
+    yi = y.view(torch.int32)
+    return {
+        "add fp32": lambda: torch.add(x, 0, out=y),
+        "add bf16": lambda: torch.add(xb, 0, out=yb),
+        "copy_ fp32->int32": lambda: yi.copy_(x),
+    }
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> Tuple[float, dict]:
+    """The copy ceiling in bytes/s, counting bytes read plus bytes written: the best of the SM copy
+    kernels of copy_forms over buffers of nbytes (far larger than L2). Forms the profiler shows as
+    a memcpy are dropped. The graph memcpy rate is recorded beside it for reference, not used."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_(-1, 1)
+    y = torch.empty_like(x)
+    small_x, small_y = x[: 1 << 20], y[: 1 << 20]
+    forms, kernels = copy_forms(x, y), {}
+    for name, fn in copy_forms(small_x, small_y).items():
+        kernels[name] = _kernel_names(fn)
+        if kernels[name] is not None and any("memcpy" in k.lower() for k in kernels[name]):
+            forms.pop(name)
+    t = measure(forms, reps=10, rounds=2)
+    rates = {name: 2 * nbytes / s for name, s in t.items() if isinstance(s, float)}
+    if not rates:
+        raise RuntimeError(f"copy ceiling: no SM copy kernel could be timed: {dict(t)}, kernels {kernels}")
+    xs = x.view(torch.uint8)
+    memcpy = measure({"memcpy": lambda: y.view(torch.uint8).copy_(xs)}, reps=10, rounds=1)["memcpy"]
+    details = {"forms_Bps": rates, "kernels": kernels, "buffer_bytes": nbytes,
+               "graph_memcpy_Bps": 2 * nbytes / memcpy if isinstance(memcpy, float) else memcpy,
+               "note": "graph_memcpy_Bps: the copy engines (a memcpy node), recorded for reference, not the ceiling"}
+    return max(rates.values()), details
+
+
+def fp8_peak() -> Tuple[float, dict]:
+    """Dense FP8 FLOP/s: torch._scaled_mm at 8192^3 with fast accumulation."""
+    a = torch.randn(8192, 8192, device="cuda").to(FP8)
+    b = torch.randn(8192, 8192, device="cuda").to(FP8).t()
+    one = torch.ones((), device="cuda")
+    t = measure({"mm": lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16, use_fast_accum=True)},
+                reps=10, rounds=1)["mm"]
+    return 2 * 8192**3 / t, {"how": "torch._scaled_mm 8192^3, e4m3, fast accumulation"}
+
+
+CEILINGS = {  # name: (how it is measured, unit of the rate it bounds)
+    "copy": (copy_bandwidth, "GB/s"),
+    "fp8": (fp8_peak, "TFLOP/s"),
+}
+UNIT_SCALE = {"GB/s": 1e9, "TFLOP/s": 1e12}
+
+
+@dataclass
+class Context:
+    """What a benchmark module gets: the models and token counts to run, how long to time, the
+    ceilings (each measured once per run, on first use) and the progress bar."""
+
+    models: List[Model]
+    tokens: Optional[List[int]] = None  # overrides every module's own list
+    quick: bool = False
+    progress: Optional[Callable[[str], None]] = None  # called once per (model, T) step
+    gemm_configs: List[Optional[str]] = field(default_factory=lambda: [None])
+    ceilings: Dict[str, float] = field(default_factory=dict)
+    ceiling_details: Dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def reps(self) -> int:
+        return 5 if self.quick else 10
+
+    @property
+    def rounds(self) -> int:
+        return 2 if self.quick else 3
+
+    def tokens_for(self, full: Sequence[int], quick: Sequence[int]) -> List[int]:
+        return list(self.tokens or (quick if self.quick else full))
+
+    def grid(self, full: Sequence[int], quick: Sequence[int]) -> Iterator[Tuple[Model, int]]:
+        for model in self.models:
+            for T in self.tokens_for(full, quick):
+                if self.progress:
+                    self.progress(f"{model.name} T={T}")
+                yield model, T
+            torch.cuda.empty_cache()
+
+    def ceiling(self, name: str) -> float:
+        if name not in self.ceilings:
+            self.ceilings[name], self.ceiling_details[name] = CEILINGS[name][0]()
+        return self.ceilings[name]
+
+    def measure(self, fns: Dict[str, Callable], arg_sets: Sequence[tuple] = ((),)) -> Times:
+        return measure(fns, arg_sets, reps=self.reps, rounds=self.rounds)
+
+    def row(self, op: str, model: Model, T: int, times: Times, work: Optional[float] = None,
+            ceiling: Optional[str] = None, ours: str = "ours", peers: Optional[Sequence[str]] = None,
+            **extra) -> dict:
+        """One result row: our time (times[ours]), the rate and fraction of `ceiling` for `work`
+        (bytes for "copy", FLOPs for "fp8"), and each peer (default: every other contender) with
+        its time and the ratio peer / ours (above 1: we are faster)."""
+        t = times[ours]
+        ok = isinstance(t, float)
+        r = {"op": op, "model": model.name, "T": T, "us": t * 1e6 if ok else None}
+        if not ok:
+            r["error"] = t
+        if ceiling is not None and work is not None and ok:
+            unit = CEILINGS[ceiling][1]
+            rate = work / t
+            r.update({"rate": rate / UNIT_SCALE[unit], "unit": unit, "ceiling": ceiling,
+                      "frac": rate / self.ceiling(ceiling)})
+            r["ceiling_suspect"] = r["frac"] > 1.0
+        peer_us, speedup, notes = {}, {}, {}
+        for name in peers if peers is not None else [n for n in times if n != ours]:
+            p = times[name]
+            if isinstance(p, float):
+                peer_us[name] = p * 1e6
+                speedup[name] = p / t if ok else None
+            else:
+                peer_us[name], speedup[name], notes[name] = None, None, p
+        r.update({"peers_us": peer_us, "speedup": speedup})
+        if notes:
+            r["peer_errors"] = notes
+        if getattr(times, "notes", None):
+            r["timing_notes"] = dict(times.notes)
+        r.update(extra)
+        return r

@@ -1,0 +1,147 @@
+"""The whole FP8 expert layer (cutlass_moe_fp8: quantize, permute, GEMM1, silu*mul + quantize,
+GEMM2, weighted unpermute) against the layers a user writes from torch ops alone (FP8 through
+torch._scaled_grouped_mm, bf16 through torch._grouped_mm) and Hugging Face transformers' bf16
+experts backends (grouped_mm, batched_mm; "n/a" without transformers), with the time of each of
+its steps on the same routing, and the FP8 dense peak.
+
+FLOPs: 6*M*H*I (GEMM1 2*M*2I*H + GEMM2 2*M*H*I), M = T*K.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import moe_kernels
+
+from . import hf_experts
+from .gemm import routed_offsets
+from .harness import FP8, Context
+
+TOKENS = [16, 128, 1024, 4096, 16384]
+QUICK_TOKENS = [16, 1024, 4096]
+STEPS = ("gemm1", "gemm2", "quant", "permute", "silu_quant", "unpermute")
+PEERS = ["torch_fp8", "torch_bf16", "hf_grouped_mm", "hf_batched_mm"]
+HF_CHECK_TOL = 0.05  # HF's bf16 layer vs ours in bf16: relative max error of a correct call ~1e-2
+
+
+def _plain_permute(ids, E):
+    """Stable argsort of the flat ids and the int32 cumulative row ends of each expert."""
+    order = torch.argsort(ids.view(-1), stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, ids.view(-1).long(), torch.ones_like(ids.view(-1), dtype=torch.int32))
+    return order, torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def _plain_unpermute(o, order, w):
+    T, K = w.shape
+    out = torch.empty_like(o)
+    out[order] = o
+    return (out.view(T, K, -1).float() * w.unsqueeze(-1)).sum(1)
+
+
+def quant_rows(x):
+    """Per-row fp8 quantization in plain torch: (q, scale [rows])."""
+    s = (x.abs().amax(dim=1).float() / 448.0).clamp(min=1e-12)
+    return (x.float() / s[:, None]).clamp(-448, 448).to(FP8), s
+
+
+def torch_fp8_layer(x, w1, w2, s1, s2, w, ids, E):
+    """Plain permute, per-token quant, torch._scaled_grouped_mm (rowwise), silu*mul, requant,
+    torch._scaled_grouped_mm, unpermute: the fp8 layer a user writes from torch ops alone."""
+    K = ids.shape[1]
+    order, offs = _plain_permute(ids, E)
+    xq, xs = quant_rows(x)
+    h = torch._scaled_grouped_mm(xq.index_select(0, order // K), w1.transpose(1, 2), xs[order // K], s1, offs=offs,
+                                 out_dtype=torch.bfloat16, use_fast_accum=True)
+    I = w2.shape[2]
+    yq, ys = quant_rows(F.silu(h[:, :I]) * h[:, I:])
+    o = torch._scaled_grouped_mm(yq, w2.transpose(1, 2), ys, s2, offs=offs, out_dtype=torch.bfloat16,
+                                 use_fast_accum=True)
+    return _plain_unpermute(o, order, w).to(x.dtype)
+
+
+def torch_bf16_layer(x, w1, w2, w, ids, E):
+    """Plain permute (argsort + index_select), torch._grouped_mm, silu*mul, unpermute."""
+    K = ids.shape[1]
+    order, offs = _plain_permute(ids, E)
+    h = torch._grouped_mm(x.index_select(0, order // K), w1.transpose(1, 2), offs=offs)
+    I = w2.shape[2]
+    o = torch._grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)
+    return _plain_unpermute(o, order, w).to(x.dtype)
+
+
+def weights(m):
+    """bf16 weights (the bf16 peers) and their fp8 copies: w1 [E, 2I, H], w2 [E, H, I]."""
+    w1b = torch.randn(m.E, 2 * m.I, m.H, device="cuda", dtype=torch.bfloat16) * 0.05
+    w2b = torch.randn(m.E, m.H, m.I, device="cuda", dtype=torch.bfloat16) * 0.05
+    return w1b, w2b, w1b.to(FP8), w2b.to(FP8)
+
+
+def hf_peer(impl, m, T, w1b, w2b, x, ids, w):
+    """HF's `impl` backend as a callable of no arguments, checked against the bf16 torch layer on
+    these inputs (a wrongly called peer would be timed on wrong work); or why it is n/a."""
+    if impl == "batched_mm":  # it gathers each choice's expert weights: T*K copies of w1 and w2
+        need = T * m.K * 3 * m.I * m.H * 2
+        if need > torch.cuda.mem_get_info()[0] // 4:
+            return f"n/a (batched_mm would gather {need / 2**30:.0f} GiB of weights)"
+    fn = hf_experts.experts(impl, w1b, w2b)
+    if isinstance(fn, str):
+        return fn
+    ids64, wb = ids.long(), w.to(torch.bfloat16)  # what HF's routers hand their experts
+    try:
+        got = fn(x, ids64, wb).float()
+    except Exception as e:  # noqa: BLE001
+        return f"n/a ({type(e).__name__}: {str(e)[:80]})"
+    want = torch_bf16_layer(x, w1b, w2b, w, ids, m.E).float()
+    err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
+    if err > HF_CHECK_TOL:
+        return f"n/a (output differs from the torch layer: relative max error {err:.2g})"
+    return lambda: fn(x, ids64, wb)
+
+
+def layer_row(ctx, m, T, w1b, w2b, w1, w2):
+    E, K, H, I = m.E, m.K, m.H, m.I
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    s = torch.ones(E, device="cuda")
+    a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.02], device="cuda")
+    offsets, ids = routed_offsets(T, K, E)
+    w = torch.rand(T, K, device="cuda")
+    M = T * K
+    sr1, sr2 = torch.ones(E, 2 * I, device="cuda"), torch.ones(E, H, device="cuda")
+    # The layer's steps alone, on this routing and the layer's scales.
+    xq = torch.randn(M, H, device="cuda").to(FP8)
+    yq = torch.randn(M, I, device="cuda").to(FP8)
+    h1 = torch.randn(M, 2 * I, device="cuda", dtype=torch.bfloat16)
+    h2 = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    xq_tokens, _ = moe_kernels.scaled_fp8_quant(x, a1)
+    _, _, inv, _ = moe_kernels.moe_permute(xq_tokens, ids, E)
+    hf = {f"hf_{impl}": hf_peer(impl, m, T, w1b, w2b, x, ids, w) for impl in ("grouped_mm", "batched_mm")}
+    t = ctx.measure({
+        "ours": lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2),
+        "torch_fp8": lambda: torch_fp8_layer(x, w1, w2, sr1, sr2, w, ids, E),
+        "torch_bf16": lambda: torch_bf16_layer(x, w1b, w2b, w, ids, E),
+        **{name: fn for name, fn in hf.items() if not isinstance(fn, str)},
+        "gemm1": lambda: moe_kernels.cutlass_grouped_gemm_fp8(xq, w1, a1, s, offsets),
+        "gemm2": lambda: moe_kernels.cutlass_grouped_gemm_fp8(yq, w2, a2, s, offsets),
+        "quant": lambda: moe_kernels.scaled_fp8_quant(x, a1),
+        "permute": lambda: moe_kernels.moe_permute(xq_tokens, ids, E),
+        "silu_quant": lambda: moe_kernels.silu_and_mul_quant_fp8(h1, a2),
+        "unpermute": lambda: moe_kernels.moe_unpermute(h2, w, inv),
+    })
+    steps = {f"{k}_us": t[k] * 1e6 if isinstance(t[k], float) else None for k in STEPS}
+    gemm_share = None
+    if all(isinstance(t[k], float) for k in ("ours", "gemm1", "gemm2")):
+        gemm_share = (t["gemm1"] + t["gemm2"]) / t["ours"]
+    t.update({name: why for name, why in hf.items() if isinstance(why, str)})
+    return ctx.row("layer", m, T, t, 6 * M * H * I, "fp8", peers=PEERS,
+                   gemm_share=gemm_share, **steps)
+
+
+def run(ctx: Context) -> list:
+    rows, current, w = [], None, None
+    for m, T in ctx.grid(TOKENS, QUICK_TOKENS):
+        if m is not current:
+            current, w = m, None
+            torch.cuda.empty_cache()
+            w = weights(m)
+        rows.append(layer_row(ctx, m, T, *w))
+    return rows
