@@ -13,6 +13,7 @@ OPS = {  # name on the command line: module
     "ep": "moe_kernels.bench.ep",
     "quant": "moe_kernels.bench.quant",
     "gemm": "moe_kernels.bench.gemm",
+    "gemm_block": "moe_kernels.bench.gemm_block",
     "layer": "moe_kernels.bench.layer",
 }
 
