@@ -85,8 +85,8 @@ def measure(fns: Dict[str, Callable], arg_sets: Sequence[tuple] = ((),), reps: i
         try:
             runners[name] = _capture(fn, arg_sets).replay
         except Exception as e:  # noqa: BLE001  (a peer may be missing, or sync the host)
-            torch.cuda.synchronize()
             try:
+                torch.cuda.synchronize()
                 _eager(fn, arg_sets[:2])()
                 torch.cuda.synchronize()
             except Exception as e2:  # noqa: BLE001

@@ -50,11 +50,11 @@ def run(ctx: Context) -> list:
         sets = [make_set(T, E, K, H) for _ in range(sets_for(nbytes))]
         p = ctx.measure({"ours": lambda x, ids: moe_kernels.moe_permute(x, ids, E),
                          "torch": lambda x, ids: torch_permute(x, ids, E)}, [(s[0], s[1]) for s in sets])
-        s = ctx.measure({"ours": lambda ids: moe_kernels.moe_sort_tokens(ids, E)}, [(s[1],) for s in sets])
+        sort = ctx.measure({"ours": lambda ids: moe_kernels.moe_sort_tokens(ids, E)}, [(s[1],) for s in sets])
         u = ctx.measure({"ours": moe_kernels.moe_unpermute, "torch": torch_unpermute},
                         [(s[3], s[2], s[4]) for s in sets])
         del sets
-        sort_us = s["ours"] * 1e6 if isinstance(s["ours"], float) else None
+        sort_us = sort["ours"] * 1e6 if isinstance(sort["ours"], float) else None
         rows.append(ctx.row("permute", m, T, p, nbytes, "copy", sort_us=sort_us))
         rows.append(ctx.row("unpermute", m, T, u, nbytes, "copy"))
     return rows
