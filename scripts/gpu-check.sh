@@ -74,7 +74,7 @@ if stage bench; then
   # The installed package's benchmarks (run from the repository root, which has no moe_kernels/
   # directory of its own, so the import finds the installed copy); the JSON goes to bench/results
   # and is copied to $OUT.
-  python3 -m moe_kernels.bench $BENCH_ARGS > "$OUT/bench.log" 2>&1
+  python3 -m moe_kernels.bench $BENCH_ARGS > "$OUT/bench.log" 2> "$OUT/bench.stderr.log"  # stderr: progress
   rc=$?
   [ $rc -ne 0 ] && status=$rc
   summary+=("python3 -m moe_kernels.bench $BENCH_ARGS: rc=$rc (log: bench.log)")
@@ -84,6 +84,6 @@ fi
 
 echo
 echo "================ summary ================"
-stage bench && { echo "--- python3 -m moe_kernels.bench $BENCH_ARGS"; grep -v '^saved' "$OUT/bench.log" | tail -120; }
+stage bench && { echo "--- python3 -m moe_kernels.bench $BENCH_ARGS"; cat "$OUT/bench.log"; tail -5 "$OUT/bench.stderr.log"; }
 printf '%s\n' "${summary[@]}"
 exit $status

@@ -77,7 +77,8 @@ def benchmark(args) -> int:
     for name, value in ctx.ceilings.items():
         print(f"ceiling {name}: {report.ceiling_text(name, value, ctx.ceiling_details.get(name))}")
     ceilings = {name: {"value": v, **ctx.ceiling_details.get(name, {})} for name, v in ctx.ceilings.items()}
-    path = args.json or report.result_path(args.out or report.default_out_dir(), env, args.ops, args.quick)
+    tag = ["all"] if args.ops == list(OPS) else args.ops
+    path = args.json or report.result_path(args.out or report.default_out_dir(), env, tag, args.quick)
     saved = report.save(path, env, ceilings, rows, {k: v for k, v in vars(args).items() if k != "model_list"})
     print(f"{len(rows)} rows in {time.time() - start:.0f} s on {env.get('device')}, saved {saved}")
     if args.plot:
