@@ -16,7 +16,10 @@ TORCH_LIBRARY(moe_kernels, m) {
 
   // quant/
   m.def("scaled_fp8_quant(Tensor x, Tensor? scale=None, bool per_token=False) -> (Tensor q, Tensor scale)");
-  m.def("silu_and_mul_quant_fp8(Tensor x, Tensor? scale=None, bool per_token=False) -> (Tensor q, Tensor scale)");
+  m.def("per_token_group_quant_fp8(Tensor x, int group_size=128, bool column_major_scales=False) "
+        "-> (Tensor q, Tensor scales)");
+  m.def("silu_and_mul_quant_fp8(Tensor x, Tensor? scale=None, bool per_token=False, int group_size=0) "
+        "-> (Tensor q, Tensor scale)");
 
   // ep/
   m.def("ep_pre_reorder(Tensor hidden_states, Tensor src2dst, Tensor topk_ids, int start_expert_id, "

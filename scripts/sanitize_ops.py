@@ -39,6 +39,14 @@ def run_quant():
         for scale, per_token in [(static, False), (None, False), (None, True)]:
             moe_kernels.scaled_fp8_quant(x, scale, per_token)
             moe_kernels.silu_and_mul_quant_fp8(x, scale, per_token)
+    # Per group: one vector a lane (g=128), two lanes a group (g=16), 32 lanes looping (g=1024),
+    # scalar loads (g=7), column-major scales, T = 0.
+    for M, K, g, dtype in [(300, 7168, 128, torch.bfloat16), (65, 64, 16, torch.float16), (3, 4096, 1024, torch.bfloat16),
+                           (5, 21, 7, torch.float32), (33, 256, 128, torch.float32), (0, 128, 128, torch.bfloat16)]:
+        x = torch.randn(M, 2 * K, device="cuda").to(dtype)
+        moe_kernels.per_token_group_quant_fp8(x, g, False)
+        moe_kernels.per_token_group_quant_fp8(x, g, True)
+        moe_kernels.silu_and_mul_quant_fp8(x, None, False, g)
 
 
 def run_ep():

@@ -410,3 +410,280 @@ def test_ops_run_on_the_current_stream():
     want_q2, want_scale2 = moe_kernels.silu_and_mul_quant_fp8(x_new.cpu(), None, True)
     assert torch.equal(scale2.cpu(), want_scale2)
     assert_same_bytes(q2, want_q2)
+
+
+# ---------------------------------------------------------------- per-group scales (1 x group_size)
+
+GROUP_AMAX_FLOOR = 1e-10  # vLLM's and SGLang's eps on a group's amax
+
+
+def formula_group_scales(y, g):
+    """max(amax over the group's finite values, 1e-10) / 448 per (row, group), in fp32: [T, K // g]."""
+    T, K = y.shape
+    a = y.abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    amax = a.reshape(T, K // g, g).amax(dim=2) if T * K > 0 else torch.zeros(T, K // g)
+    return amax.clamp(min=GROUP_AMAX_FLOOR) / E4M3_MAX
+
+
+def formula_group_quant(y, scales, g):
+    """q = e4m3(clamp(y / scale, -448, 448)), an fp32 division by the scale of the element's group."""
+    return (y / scales.repeat_interleave(g, dim=1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+
+
+def assert_group_scales_layout(scales, T, G, column_major):
+    assert scales.shape == (T, G) and scales.dtype == torch.float32
+    if column_major and T > 1 and G > 1:
+        assert scales.stride() == (1, T)
+    elif not column_major:
+        assert scales.is_contiguous()
+
+
+GROUP_SHAPES = [(0, 128, 128), (1, 128, 128), (7, 384, 128), (33, 7168, 128), (5, 256, 64), (9, 48, 16),
+                (3, 21, 7), (4, 2048, 1024), (6, 0, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,g", GROUP_SHAPES)
+@pytest.mark.parametrize("column_major", [False, True])
+def test_group_quant_matches_formula(dtype, T, K, g, column_major):
+    x = random_input(T, K, dtype)
+    # Groups of very different magnitudes inside one row, so that the per-group scales matter.
+    if T * K:
+        x = (x.float() * torch.pow(10.0, torch.empty(1, K // g).uniform_(-2, 2)).repeat_interleave(g, dim=1)).to(dtype)
+    y = x.float()
+    q, scales = moe_kernels.per_token_group_quant_fp8(x, g, column_major)
+    want = formula_group_scales(y, g)
+    assert_group_scales_layout(scales, T, K // g, column_major)
+    # The same fp32 operations (an exact max, one IEEE division): equal bits.
+    assert torch.equal(scales, want)
+    assert q.shape == (T, K)
+    assert_same_bytes(q, formula_group_quant(y, want, g))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_quant_maps_each_group_amax_to_448(dtype):
+    x = random_input(5, 512, dtype)
+    q, scales = moe_kernels.per_token_group_quant_fp8(x, 128)
+    assert (q.float().abs().reshape(5, 4, 128).amax(dim=2) == E4M3_MAX).all()
+    # Dequantized, every value is within half an e4m3 step of x: 2^-4 relative for normals, half
+    # the subnormal spacing (2^-10) times the scale below 2^-6.
+    s = scales.repeat_interleave(128, dim=1)
+    err = (q.float() * s - x.float()).abs()
+    assert (err <= 2.0**-4 * x.float().abs() + 2.0**-10 * s).all()
+
+
+def test_group_quant_default_group_size_is_128():
+    x = random_input(3, 512, torch.bfloat16)
+    q, scales = moe_kernels.per_token_group_quant_fp8(x)
+    assert scales.shape == (3, 4)
+    q2, scales2 = moe_kernels.per_token_group_quant_fp8(x, 128, False)
+    assert torch.equal(scales, scales2)
+    assert_same_bytes(q, q2)
+
+
+def test_group_quant_saturates_infinities_and_floors_zero_groups():
+    x = torch.randn(2, 256)
+    x[0, 3], x[0, 70] = float("inf"), -float("inf")  # group 0 of row 0
+    x[1, 128:] = 0  # group 1 of row 1: all zero
+    x[1, 0:128] = float("inf")  # group 0 of row 1: all +inf
+    q, scales = moe_kernels.per_token_group_quant_fp8(x, 128)
+    finite = x[0, :128][torch.isfinite(x[0, :128])]
+    assert scales[0, 0].item() == (finite.abs().max() / E4M3_MAX).item()  # infinities left out of amax
+    assert q[0, 3].float().item() == E4M3_MAX and q[0, 70].float().item() == -E4M3_MAX
+    assert not q.float().isnan().any()
+    assert torch.equal(scales[1], torch.full((2,), GROUP_AMAX_FLOOR, dtype=torch.float32) / E4M3_MAX)
+    assert (q[1, :128].float() == E4M3_MAX).all() and (q[1, 128:].float() == 0).all()
+    assert_same_bytes(q, formula_group_quant(x, formula_group_scales(x, 128), 128))
+
+
+def test_group_quant_column_major_holds_the_same_values():
+    x = random_input(37, 1024, torch.bfloat16)
+    q_r, s_r = moe_kernels.per_token_group_quant_fp8(x, 128, False)
+    q_c, s_c = moe_kernels.per_token_group_quant_fp8(x, 128, True)
+    assert s_c.stride() == (1, 37) and s_c.t().is_contiguous()
+    assert torch.equal(s_r, s_c)
+    assert_same_bytes(q_r, q_c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,I,g", [(0, 128, 128), (1, 128, 128), (7, 768, 128), (33, 256, 64), (5, 48, 16)])
+def test_silu_and_mul_group_quant_matches_formula(dtype, M, I, g):
+    x = random_input(M, 2 * I, dtype)
+    y = formula_silu_and_mul(x)
+    q, scales = moe_kernels.silu_and_mul_quant_fp8(x, None, False, g)
+    assert q.shape == (M, I) and q.dtype == FP8
+    assert scales.shape == (M, I // g) and scales.is_contiguous()
+    # Our silu's exponential is a polynomial within 1 ulp of exp: amax within a few fp32 ulp.
+    torch.testing.assert_close(scales, formula_group_scales(y, g), rtol=1e-6, atol=0)
+    # Against the exact y / scale: one e4m3 rounding (half a step), whatever the fp32 path.
+    assert_within_half_ulp(q, y.double() / scales.double().repeat_interleave(g, dim=1))
+
+
+def test_silu_and_mul_group_quant_equals_group_quant_of_its_activation_when_exact():
+    # silu is exact in fp32 for gate = 0 and gate >= 80: the fused op must give the bytes of
+    # per_token_group_quant_fp8 of the product.
+    gate = torch.tensor([0.0, 100.0, -0.0, 90.0, 200.0, 81.0, 150.0, 0.0]).repeat(3, 16)  # [3, 128]
+    up = torch.randn(3, 128)
+    q, scales = moe_kernels.silu_and_mul_quant_fp8(torch.cat([gate, up], dim=1), None, False, 32)
+    want_q, want_scales = moe_kernels.per_token_group_quant_fp8(gate * up, 32)
+    assert torch.equal(scales, want_scales)
+    assert_same_bytes(q, want_q)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("T", [0, 9])
+def test_group_quant_opcheck(device, column_major, T):
+    x = random_input(T, 256, torch.bfloat16, device)
+    opcheck(torch.ops.moe_kernels.per_token_group_quant_fp8.default, (x, 128, column_major))
+    opcheck(torch.ops.moe_kernels.silu_and_mul_quant_fp8.default, (x, None, False, 64))
+
+
+def test_torch_compile_traces_group_ops():
+    def act(x, h):
+        q, s = moe_kernels.per_token_group_quant_fp8(x, 64, True)
+        q2, s2 = moe_kernels.silu_and_mul_quant_fp8(h, None, False, 32)
+        return q.float() * s.repeat_interleave(64, dim=1), q2.float() * s2.repeat_interleave(32, dim=1)
+
+    x, h = torch.randn(6, 128), torch.randn(6, 128)
+    compiled = torch.compile(act, backend="eager", fullgraph=True)
+    for g, w in zip(compiled(x, h), act(x, h)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+GROUP_BAD = [
+    (dict(x=torch.zeros(4, 100)), r"x's K \(its columns\) must be a multiple of group_size=128, got K=100"),
+    (dict(x=torch.zeros(4, 128), group_size=0), "group_size must be positive, got 0"),
+    (dict(x=torch.zeros(4, 128), group_size=-128), "group_size must be positive, got -128"),
+    (dict(x=torch.zeros(4, 128, dtype=torch.int32)), "x must be bfloat16, float16 or float32, got Int"),
+    (dict(x=torch.zeros(4, 128).to(FP8)), "x must be bfloat16, float16 or float32, got Float8_e4m3fn"),
+    (dict(x=torch.zeros(128)), "x must be 2-D"),
+    (dict(x=torch.zeros(128, 4).t()), "x must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("override,message", GROUP_BAD)
+def test_group_quant_rejects_bad_arguments(device, override, message):
+    args = dict(group_size=128, column_major_scales=False)
+    args.update(override)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(RuntimeError, match=f"per_token_group_quant_fp8: {message}"):
+        torch.ops.moe_kernels.per_token_group_quant_fp8(args["x"], args["group_size"], args["column_major_scales"])
+
+
+SILU_GROUP_BAD = [
+    (dict(x=torch.zeros(4, 200)), r"x's I \(half its columns, the columns of q\) must be a multiple of "
+                                  r"group_size=128, got I=100"),
+    (dict(group_size=-1), "group_size must be >= 0"),
+    (dict(scale=torch.ones(1)), "scale must be None with group_size > 0"),
+    (dict(per_token=True), "per_token must be False with group_size > 0"),
+    (dict(x=torch.zeros(4, 256, dtype=torch.float64)), "x must be bfloat16, float16 or float32, got Double"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("override,message", SILU_GROUP_BAD)
+def test_silu_and_mul_group_quant_rejects_bad_arguments(device, override, message):
+    args = dict(x=torch.zeros(4, 256), scale=None, per_token=False, group_size=128)
+    args.update(override)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(RuntimeError, match=f"silu_and_mul_quant_fp8: {message}"):
+        moe_kernels.silu_and_mul_quant_fp8(**args)
+
+
+# ---------------------------------------------------------------- per-group: CUDA against the CPU reference
+
+def check_group_cuda_matches_cpu(op, x, g, column_major=False, poison=0xFF):
+    """CUDA and CPU give the same scales (bits) and the same bytes: both take an exact max and
+    one IEEE division per value; outputs are poisoned beforehand, so an unwritten one fails."""
+    if op == "per_token_group_quant_fp8":
+        fn = lambda t: moe_kernels.per_token_group_quant_fp8(t, g, column_major)  # noqa: E731
+    else:
+        fn = lambda t: moe_kernels.silu_and_mul_quant_fp8(t, None, False, g)  # noqa: E731
+    want_q, want_scales = fn(x)
+    poison_cuda_allocator(poison)
+    q, scales = fn(x.cuda())
+    torch.cuda.synchronize()
+    assert q.device.type == "cuda" and scales.device.type == "cuda"
+    assert scales.shape == want_scales.shape and scales.stride() == want_scales.stride()
+    assert torch.equal(scales.cpu(), want_scales)
+    assert_same_bytes(q, want_q)
+    assert not q.cpu().float().isnan().any()  # finite inputs: an unwritten (poisoned) byte is NaN
+
+
+# (T, K, group_size): 16-byte vectors with 1, 2, 16 vectors a group; 32 lanes looping twice (fp32
+# g=256, bf16 g=1024); odd group sizes (scalar loads); T = 0, 1, odd; DeepSeek-V3's H and I.
+CUDA_GROUP_SHAPES = [(0, 128, 128), (1, 7168, 128), (7, 2048, 128), (1000, 7168, 128), (33, 384, 128),
+                     (9, 256, 64), (65, 64, 16), (5, 1024, 256), (3, 4096, 1024), (11, 21, 7), (4, 96, 3),
+                     (4096, 512, 128), (2, 0, 128)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,g", CUDA_GROUP_SHAPES)
+@pytest.mark.parametrize("column_major", [False, True])
+def test_group_quant_cuda_matches_cpu(dtype, T, K, g, column_major):
+    check_group_cuda_matches_cpu("per_token_group_quant_fp8", random_input(T, K, dtype), g, column_major)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,I,g", [(0, 128, 128), (1, 2048, 128), (7, 1536, 128), (1000, 768, 128), (33, 256, 64),
+                                   (65, 64, 16), (5, 1024, 256), (3, 4096, 1024), (11, 21, 7), (2, 0, 128)])
+def test_silu_and_mul_group_quant_cuda_matches_cpu(dtype, M, I, g):
+    check_group_cuda_matches_cpu("silu_and_mul_quant_fp8", random_input(M, 2 * I, dtype), g)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["per_token_group_quant_fp8", "silu_and_mul_quant_fp8"])
+@pytest.mark.parametrize("poison", [0xFF, 0x00])
+def test_group_quant_cuda_matches_cpu_on_misaligned_rows(op, poison):
+    # A view with a storage offset of one element: 16-byte loads are impossible, scalar ones used.
+    T, K = 37, 1024
+    base = torch.randn(T * K + 1).bfloat16()
+    check_group_cuda_matches_cpu(op, base[1:].view(T, K), 128, poison=poison)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["per_token_group_quant_fp8", "silu_and_mul_quant_fp8"])
+def test_group_quant_cuda_special_values(op):
+    # Zero groups (floor), infinities (left out of amax, saturated), NaN (stays NaN), silu's tails.
+    x = random_input(64, 512, torch.bfloat16)
+    x[3] = 0
+    x[5, :128] = 0
+    x[40, :10] = torch.tensor([-100.0, 100.0, -88.5, 88.5, -80.5, 80.5, 1e4, -1e4, 79.5, -79.5]).bfloat16()
+    x[50, 7], x[50, 300], x[51, 0:128] = float("inf"), -float("inf"), float("inf")
+    x[60, 9] = float("nan")
+    fn = (lambda t: moe_kernels.per_token_group_quant_fp8(t, 128)) if op == "per_token_group_quant_fp8" else \
+        (lambda t: moe_kernels.silu_and_mul_quant_fp8(t, None, False, 64))
+    want_q, want_scales = fn(x)
+    q, scales = fn(x.cuda())
+    assert torch.equal(scales.cpu(), want_scales)
+    assert_same_bytes(q, want_q)
+
+
+@pytest.mark.cuda
+def test_group_quant_cuda_graph_capture_and_replay():
+    x = torch.randn(300, 7168, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(300, 2 * 2048, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        return [*moe_kernels.per_token_group_quant_fp8(x, 128), *moe_kernels.per_token_group_quant_fp8(x, 128, True),
+                *moe_kernels.silu_and_mul_quant_fp8(h, None, False, 128)]
+
+    run()  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(2):  # new inputs, copied into the captured buffers
+        x.copy_(torch.randn_like(x) * 3)
+        h.copy_(torch.randn_like(h))
+        graph.replay()
+        for got, want in zip(captured, run()):
+            if got.dtype == FP8:
+                assert_same_bytes(got, want)
+            else:
+                assert torch.equal(got, want)

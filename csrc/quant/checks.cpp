@@ -23,4 +23,22 @@ QuantShape check_quant_args(const char* op, const at::Tensor& x, const std::opti
   return QuantShape{x.size(0), silu_and_mul ? x.size(1) / 2 : x.size(1)};
 }
 
+int64_t check_group_size(const char* op, const QuantShape& s, int64_t group_size, bool silu_and_mul) {
+  TORCH_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
+  TORCH_CHECK(s.cols % group_size == 0, op, ": x's ",
+              silu_and_mul ? "I (half its columns, the columns of q)" : "K (its columns)", " must be a multiple of ",
+              "group_size=", group_size, ", got ", silu_and_mul ? "I=" : "K=", s.cols);
+  return s.cols / group_size;
+}
+
+void check_silu_and_mul_mode(const std::optional<at::Tensor>& scale, bool per_token, int64_t group_size) {
+  const char* op = "silu_and_mul_quant_fp8";
+  TORCH_CHECK(group_size >= 0, op, ": group_size must be >= 0 (0: no groups), got ", group_size);
+  if (group_size == 0) return;
+  TORCH_CHECK(!scale.has_value(), op,
+              ": scale must be None with group_size > 0 (per-group scales are computed here), got a tensor");
+  TORCH_CHECK(!per_token, op, ": per_token must be False with group_size > 0 (one scale per group of ",
+              group_size, " columns), got True");
+}
+
 }  // namespace moe_kernels

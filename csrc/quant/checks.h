@@ -18,4 +18,12 @@ struct QuantShape {
 QuantShape check_quant_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale,
                             bool silu_and_mul);
 
+// Dynamic per-group scales: group_size positive and dividing the columns of q (K, or I with
+// silu_and_mul). Returns the number of groups per row.
+int64_t check_group_size(const char* op, const QuantShape& s, int64_t group_size, bool silu_and_mul);
+
+// silu_and_mul_quant_fp8's scale mode: group_size > 0 (dynamic per group) excludes a static scale
+// and per_token; group_size < 0 is an error.
+void check_silu_and_mul_mode(const std::optional<at::Tensor>& scale, bool per_token, int64_t group_size);
+
 }  // namespace moe_kernels

@@ -12,7 +12,11 @@ namespace moe_kernels::cpu {
 std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x, const std::optional<at::Tensor>& scale,
                                                     bool per_token);
 
+std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x, int64_t group_size,
+                                                             bool column_major_scales);
+
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
-                                                          const std::optional<at::Tensor>& scale, bool per_token);
+                                                          const std::optional<at::Tensor>& scale, bool per_token,
+                                                          int64_t group_size);
 
 }  // namespace moe_kernels::cpu

@@ -33,6 +33,24 @@ MOE_HOST_DEVICE float scale_from_amax(float amax) {
   return max_ignoring_nan(div_rn(amax, kE4M3Max), kMinScale);
 }
 
+// Per-group scales (per_token_group_quant_fp8; silu_and_mul_quant_fp8 with group_size): the
+// formula of vLLM's and SGLang's per_token_group_quant_fp8 and of the DeepSeek-V3 checkpoints'
+// activation quantization, scale = max(amax, 1e-10) / 448, with their floor on amax (an all-zero
+// group gets scale 1e-10 / 448 and q = 0, never NaN). Values of a group are quantized by an IEEE
+// division, y / scale, as those implementations do (not times a reciprocal).
+constexpr float kGroupAmaxFloor = 1e-10f;
+
+MOE_HOST_DEVICE float group_scale_from_amax(float amax) {
+  return div_rn(max_ignoring_nan(amax, kGroupAmaxFloor), kE4M3Max);
+}
+
+// |y| for a group's amax, 0 for +-Inf (and NaN): an infinite value would make the scale infinite,
+// every finite value of its group 0 and itself NaN; left out of amax, it saturates to +-448.
+MOE_HOST_DEVICE float finite_abs(float y) {
+  const float a = abs_f(y);
+  return a <= 0x1.fffffep+127f ? a : 0.0f;
+}
+
 // Values are quantized as y * (1 / scale): one reciprocal per scale, one multiply per element (as
 // vLLM does). The product is then saturated to +-448 and rounded to nearest even in e4m3.
 MOE_HOST_DEVICE float inverse_scale(float scale) { return div_rn(1.0f, scale); }

@@ -57,12 +57,9 @@ struct SiluAndMulInput {
   }
 };
 
-// Stores kVec quantized values (saturated, round to nearest even) with one kVec-byte access.
+// Stores kVec scaled values as e4m3 (saturated, round to nearest even) with one kVec-byte access.
 template <int kVec>
-__device__ __forceinline__ void store_e4m3(uint8_t* dst, const float (&y)[kVec], float inv_scale) {
-  float s[kVec];
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) s[j] = fp8::mul_rn(y[j], inv_scale);
+__device__ __forceinline__ void store_scaled_e4m3(uint8_t* dst, const float (&s)[kVec]) {
   if constexpr (kVec == 1) {
     *dst = __nv_cvt_float_to_fp8(s[0], __NV_SATFINITE, __NV_E4M3);
   } else {
@@ -81,6 +78,15 @@ __device__ __forceinline__ void store_e4m3(uint8_t* dst, const float (&y)[kVec],
                                                   pairs[2] | (static_cast<uint32_t>(pairs[3]) << 16));
     }
   }
+}
+
+// Stores kVec values quantized with a per-tensor or per-token scale: y * (1 / scale).
+template <int kVec>
+__device__ __forceinline__ void store_e4m3(uint8_t* dst, const float (&y)[kVec], float inv_scale) {
+  float s[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) s[j] = fp8::mul_rn(y[j], inv_scale);
+  store_scaled_e4m3<kVec>(dst, s);
 }
 
 // The maximum of v over the block (NaN ignored); every thread gets it. `warp_max` holds one float

@@ -6,6 +6,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "quant/fp8_quant.cuh"
+#include "quant/group_quant.cuh"
 #include "quant/launchers.h"
 
 namespace moe_kernels {
@@ -16,6 +17,28 @@ constexpr int64_t kMaxQuantBlocks = 132 * 16;
 // A per-token row is kept in shared memory (as fp32) up to this size (10240 columns), under the
 // 48 KiB a block may use without opting in; longer rows are recomputed from x in the second pass.
 constexpr int64_t kMaxCachedRowBytes = 40 * 1024;
+
+template <typename In, int kVec>
+cudaError_t launch_group_quant(const In& input, const Fp8QuantArgs& a, cudaStream_t stream) {
+  const int64_t groups_per_row = a.cols / a.group_size;
+  const int64_t vecs_per_group = a.group_size / kVec;
+  if (a.rows == 0 || groups_per_row == 0) return cudaSuccess;
+  int lanes = 1;
+  while (lanes < 32 && lanes < vecs_per_group) lanes *= 2;
+  GroupQuantParams<In> p{input,
+                         a.rows,
+                         groups_per_row,
+                         vecs_per_group,
+                         lanes,
+                         a.q,
+                         a.scale,
+                         a.scales_column_major ? 1 : groups_per_row,
+                         a.scales_column_major ? a.rows : 1};
+  const int64_t blocks = ceil_div(a.rows * groups_per_row * lanes, kQuantThreads);
+  const int grid = static_cast<int>(std::clamp<int64_t>(blocks, 1, kMaxQuantBlocks));
+  quantize_per_group_kernel<In, kVec><<<grid, kQuantThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 template <template <typename, int> class Input, typename T, int kVec>
 cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
@@ -51,6 +74,8 @@ cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
       }
       break;
     }
+    case QuantScaleMode::kDynamicPerGroup:
+      return launch_group_quant<In, kVec>(p.input, a, stream);
   }
   return cudaGetLastError();
 }
@@ -60,7 +85,9 @@ cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
 template <template <typename, int> class Input, typename T>
 cudaError_t launch_quant_with_width(const Fp8QuantArgs& a, cudaStream_t stream) {
   const void* ptrs[] = {a.x};
-  const int vec_bytes = pick_vec_bytes(a.cols * static_cast<int64_t>(sizeof(T)), ptrs, 1);
+  // Per group, a vector must not straddle two groups: its width divides the group's bytes.
+  const int64_t unit = a.mode == QuantScaleMode::kDynamicPerGroup ? a.group_size : a.cols;
+  const int vec_bytes = pick_vec_bytes(unit * static_cast<int64_t>(sizeof(T)), ptrs, 1);
   const int vec = std::max<int>(1, vec_bytes / static_cast<int>(sizeof(T)));
   constexpr int kMaxVec = 16 / sizeof(T);
   if (vec >= kMaxVec) return launch_quant_typed<Input, T, kMaxVec>(a, stream);

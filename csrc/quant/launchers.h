@@ -13,6 +13,7 @@ enum class QuantScaleMode {
   kStaticPerTensor,   // the caller's scale [1]; copied to `scale`
   kDynamicPerTensor,  // scale [1] = max(amax(|y|) / 448, kMinScale), computed on the device
   kDynamicPerToken,   // scale [rows] = the same per row
+  kDynamicPerGroup,   // scale [rows, cols / group_size] = max(amax, 1e-10) / 448 per group of columns
 };
 
 struct Fp8QuantArgs {
@@ -22,11 +23,13 @@ struct Fp8QuantArgs {
   int64_t cols;               // columns of q
   QuantScaleMode mode;
   const float* static_scale;  // [1] for kStaticPerTensor, else nullptr
-  float* scale;               // out: [1] for the per-tensor modes, [rows] per token
+  float* scale;               // out: [1] for the per-tensor modes, [rows] per token, [rows, groups] per group
   uint8_t* q;                 // out: [rows, cols] float8_e4m3fn
+  int64_t group_size;         // kDynamicPerGroup: columns per group (divides cols), else unused
+  bool scales_column_major;   // kDynamicPerGroup: scale of (r, g) at g * rows + r instead of r * groups + g
 };
 
-// q = e4m3(saturate(x * (1 / scale)))
+// q = e4m3(saturate(x * (1 / scale))); per group: e4m3(saturate(x / scale))
 cudaError_t launch_scaled_fp8_quant(const Fp8QuantArgs& args, cudaStream_t stream);
 
 // q = e4m3(saturate(silu(x[:, :cols]) * x[:, cols:] * (1 / scale)))

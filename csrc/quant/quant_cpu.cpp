@@ -10,11 +10,12 @@
 namespace moe_kernels::cpu {
 namespace {
 
-c10::Float8_e4m3fn to_e4m3(float y, float inv_scale) {
-  float v = fp8::mul_rn(y, inv_scale);
-  if (!std::isnan(v)) v = std::fmin(std::fmax(v, -fp8::kE4M3Max), fp8::kE4M3Max);  // saturate
+c10::Float8_e4m3fn saturate_to_e4m3(float v) {
+  if (!std::isnan(v)) v = std::fmin(std::fmax(v, -fp8::kE4M3Max), fp8::kE4M3Max);
   return c10::Float8_e4m3fn(v);  // round to nearest even
 }
+
+c10::Float8_e4m3fn to_e4m3(float y, float inv_scale) { return saturate_to_e4m3(fp8::mul_rn(y, inv_scale)); }
 
 float amax_of(const float* y, int64_t n) {
   float amax = 0.0f;
@@ -52,6 +53,31 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& y, const std::opti
   return {q, scales};
 }
 
+// y [M, C] fp32 -> (q [M, C] e4m3, scales [M, C / g]): each group of g columns of a row gets
+// scale max(amax, 1e-10) / 448 (infinities left out of amax) and q = e4m3(saturate(y / scale)).
+// column_major: the scales tensor has strides (1, M).
+std::tuple<at::Tensor, at::Tensor> quantize_per_group(const at::Tensor& y, int64_t g, bool column_major) {
+  const int64_t M = y.size(0);
+  const int64_t C = y.size(1);
+  const int64_t G = C / g;
+  const float* y_p = y.data_ptr<float>();
+  auto q = at::empty({M, C}, y.options().dtype(at::kFloat8_e4m3fn));
+  auto* q_p = q.data_ptr<c10::Float8_e4m3fn>();
+  auto scales = column_major ? at::empty({G, M}, y.options()).t() : at::empty({M, G}, y.options());
+  float* s_p = scales.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t j = 0; j < G; ++j) {
+      const float* group = y_p + r * C + j * g;
+      float amax = 0.0f;
+      for (int64_t c = 0; c < g; ++c) amax = fp8::max_ignoring_nan(amax, fp8::finite_abs(group[c]));
+      const float scale = fp8::group_scale_from_amax(amax);
+      s_p[r * scales.stride(0) + j * scales.stride(1)] = scale;
+      for (int64_t c = 0; c < g; ++c) q_p[r * C + j * g + c] = saturate_to_e4m3(fp8::div_rn(group[c], scale));
+    }
+  }
+  return {q, scales};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x, const std::optional<at::Tensor>& scale,
@@ -60,9 +86,21 @@ std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x, const s
   return quantize(x.to(at::kFloat).contiguous(), scale, per_token);
 }
 
+std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x, int64_t group_size,
+                                                             bool column_major_scales) {
+  const char* op = "per_token_group_quant_fp8";
+  const QuantShape s = check_quant_args(op, x, std::nullopt, /*silu_and_mul=*/false);
+  check_group_size(op, s, group_size, /*silu_and_mul=*/false);
+  return quantize_per_group(x.to(at::kFloat).contiguous(), group_size, column_major_scales);
+}
+
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
-                                                          const std::optional<at::Tensor>& scale, bool per_token) {
-  const QuantShape s = check_quant_args("silu_and_mul_quant_fp8", x, scale, /*silu_and_mul=*/true);
+                                                          const std::optional<at::Tensor>& scale, bool per_token,
+                                                          int64_t group_size) {
+  const char* op = "silu_and_mul_quant_fp8";
+  const QuantShape s = check_quant_args(op, x, scale, /*silu_and_mul=*/true);
+  check_silu_and_mul_mode(scale, per_token, group_size);
+  if (group_size > 0) check_group_size(op, s, group_size, /*silu_and_mul=*/true);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* x_p = xf.data_ptr<float>();
   auto y = at::empty({s.rows, s.cols}, xf.options());
@@ -72,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
     const float* up = gate + s.cols;
     for (int64_t c = 0; c < s.cols; ++c) y_p[r * s.cols + c] = fp8::silu_and_mul(gate[c], up[c]);
   }
-  return quantize(y, scale, per_token);
+  return group_size > 0 ? quantize_per_group(y, group_size, false) : quantize(y, scale, per_token);
 }
 
 }  // namespace moe_kernels::cpu

@@ -24,6 +24,7 @@ from . import modular  # noqa: E402
 from .ops.gemm import cutlass_grouped_gemm_fp8, cutlass_moe_fp8, grouped_gemm_fp8_configs  # noqa: E402
 from .ops.routing import moe_fused_gate  # noqa: E402
 from .ops.quant import (  # noqa: E402
+    per_token_group_quant_fp8,
     scaled_fp8_quant,
     silu_and_mul_quant_fp8,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "moe_permute",
     "moe_sort_tokens",
     "moe_unpermute",
+    "per_token_group_quant_fp8",
     "scaled_fp8_quant",
     "silu_and_mul_quant_fp8",
     "cmake_prefix_path",

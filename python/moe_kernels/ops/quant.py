@@ -16,6 +16,14 @@ fp32, the rounding to nearest even; dequantize with ``q.float() * scale``. Dynam
 computed on the device (no host sync; CUDA-graph capturable). A static scale must be positive
 (it is not checked on the device, which would need a host sync).
 
+Per-group scales (the activation scales of block-scaled FP8 checkpoints: DeepSeek-V3/R1,
+Qwen3-FP8, Kimi-K2): ``per_token_group_quant_fp8``, and ``silu_and_mul_quant_fp8`` with
+``group_size > 0``, give every group of ``group_size`` consecutive columns of a row its own dynamic
+scale ``max(amax, 1e-10) / 448`` (vLLM's and SGLang's formula, floor included) and quantize it as
+``q = e4m3(clamp(y / scale, -448, 448))`` with an IEEE fp32 division (as those implementations do).
+An infinite value does not enter its group's amax (it would make the scale infinite, the rest of
+the group 0 and itself NaN): it saturates to +-448. NaN stays NaN.
+
 The CUDA kernels and the CPU reference perform the same fp32 operations (silu through an
 exponential written with IEEE operations only), so they give the same bytes.
 """
@@ -44,8 +52,31 @@ def scaled_fp8_quant(x: Tensor, scale: Optional[Tensor] = None, per_token: bool 
     return _ops.scaled_fp8_quant(x, scale, per_token)
 
 
+def per_token_group_quant_fp8(x: Tensor, group_size: int = 128,
+                              column_major_scales: bool = False) -> Tuple[Tensor, Tensor]:
+    """Quantizes x to float8_e4m3fn with one dynamic scale per token per group of ``group_size``
+    columns (the 1x128 activation scales of block-scaled FP8 GEMMs), in one pass over x.
+
+    Args:
+        x: [T, K] bfloat16, float16 or float32, contiguous; K a multiple of group_size.
+        group_size: columns per group (128 for the DeepSeek-V3 / Qwen3-FP8 checkpoints).
+        column_major_scales: return the scales in a column-major tensor (strides (1, T)), for
+            GEMMs that read MN-major scale operands; the values are the same. T is not padded
+            (a TMA load of such scales needs T % 4 == 0 for 16-byte aligned columns: callers that
+            need it pad T themselves; no GEMM of this library reads this layout yet).
+
+    Returns:
+        q: [T, K] float8_e4m3fn, ``e4m3(clamp(x / scale, -448, 448))`` with the scale of the
+            element's group (infinities saturate to +-448).
+        scales: [T, K // group_size] float32, ``max(amax(group), 1e-10) / 448`` (amax over the
+            group's finite values); row-major, or column-major with column_major_scales.
+            Dequantize with ``q.float() * scales.repeat_interleave(group_size, dim=1)``.
+    """
+    return _ops.per_token_group_quant_fp8(x, group_size, column_major_scales)
+
+
 def silu_and_mul_quant_fp8(
-    x: Tensor, scale: Optional[Tensor] = None, per_token: bool = False
+    x: Tensor, scale: Optional[Tensor] = None, per_token: bool = False, group_size: int = 0
 ) -> Tuple[Tensor, Tensor]:
     """``silu(gate) * up`` quantized to float8_e4m3fn, in one pass over x (two for a dynamic
     per-tensor scale).
@@ -54,13 +85,17 @@ def silu_and_mul_quant_fp8(
         x: [M, 2I] bfloat16, float16 or float32, contiguous: gate in columns [0, I), up in
             [I, 2I) (the output of GEMM1 with vLLM's w13 layout).
         scale, per_token: as scaled_fp8_quant.
+        group_size: > 0 for one dynamic scale per row per group of group_size columns of y, as
+            per_token_group_quant_fp8 computes them (I must be a multiple of it; scale must be
+            None and per_token False). 0: the scale modes of scaled_fp8_quant.
 
     Returns:
         q: [M, I] float8_e4m3fn, the quantized ``y = silu(gate) * up`` (computed in fp32,
             ``silu(g) = g / (1 + exp(-g))``).
-        scale: float32, [1] or [M, 1], as scaled_fp8_quant.
+        scale: float32, [1] or [M, 1], as scaled_fp8_quant; with group_size > 0,
+            [M, I // group_size] row-major.
     """
-    return _ops.silu_and_mul_quant_fp8(x, scale, per_token)
+    return _ops.silu_and_mul_quant_fp8(x, scale, per_token, group_size)
 
 
 def _fake_scale(x: Tensor, rows: int, scale: Optional[Tensor], per_token: bool) -> Tensor:
@@ -75,7 +110,21 @@ def _(x, scale=None, per_token=False):
     return x.new_empty((M, K), dtype=torch.float8_e4m3fn), _fake_scale(x, M, scale, per_token)
 
 
+@torch.library.register_fake("moe_kernels::per_token_group_quant_fp8")
+def _(x, group_size=128, column_major_scales=False):
+    T, K = x.shape
+    torch._check(group_size > 0 and K % group_size == 0,
+                 lambda: f"per_token_group_quant_fp8: x's K (its columns) must be a multiple of group_size={group_size}, got K={K}")
+    G = K // group_size
+    scales = x.new_empty((G, T), dtype=torch.float32).t() if column_major_scales else \
+        x.new_empty((T, G), dtype=torch.float32)
+    return x.new_empty((T, K), dtype=torch.float8_e4m3fn), scales
+
+
 @torch.library.register_fake("moe_kernels::silu_and_mul_quant_fp8")
-def _(x, scale=None, per_token=False):
+def _(x, scale=None, per_token=False, group_size=0):
     M, K2 = x.shape
-    return x.new_empty((M, K2 // 2), dtype=torch.float8_e4m3fn), _fake_scale(x, M, scale, per_token)
+    q = x.new_empty((M, K2 // 2), dtype=torch.float8_e4m3fn)
+    if group_size > 0:
+        return q, x.new_empty((M, K2 // 2 // group_size), dtype=torch.float32)
+    return q, _fake_scale(x, M, scale, per_token)
