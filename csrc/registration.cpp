@@ -9,8 +9,8 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("moe_sort_tokens(Tensor topk_ids, int num_experts, Tensor? expert_map=None, int num_local_experts=-1, "
         "int align_block_size=0) -> (Tensor expert_offsets, Tensor inv_permuted_idx, Tensor permuted_idx)");
   m.def("moe_permute(Tensor hidden_states, Tensor topk_ids, int num_experts, Tensor? expert_map=None, "
-        "int num_local_experts=-1, int align_block_size=0) -> (Tensor permuted, Tensor expert_offsets, "
-        "Tensor inv_permuted_idx, Tensor permuted_idx)");
+        "int num_local_experts=-1, int align_block_size=0, Tensor? scales=None) -> (Tensor permuted, "
+        "Tensor expert_offsets, Tensor inv_permuted_idx, Tensor permuted_idx, Tensor permuted_scales)");
   m.def("moe_unpermute(Tensor permuted, Tensor topk_weights, Tensor inv_permuted_idx) -> Tensor");
   m.def("compute_problem_sizes(Tensor expert_offsets, int n, int k, bool swap_ab=False) -> (Tensor, Tensor)");
 

@@ -23,6 +23,9 @@ def run_permute():
             emap = torch.full((E,), -1, dtype=torch.int32, device="cuda")
             emap[torch.randperm(E, device="cuda")[:local]] = torch.arange(local, dtype=torch.int32, device="cuda")
         permuted, offsets, inv, _ = moe_kernels.moe_permute(x, ids, E, emap, local or -1, align)
+        # Scales moved with the rows: per token, and per group (more groups than a block has threads).
+        for scales in (torch.rand(T, device="cuda"), torch.rand(T, 130, device="cuda")):
+            moe_kernels.moe_permute(x, ids, E, emap, local or -1, align, scales)
         if dtype != torch.float8_e4m3fn:
             moe_kernels.moe_unpermute(permuted, torch.rand(T, K, device="cuda"), inv)
         moe_kernels.compute_problem_sizes(offsets, 64, H, True)

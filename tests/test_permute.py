@@ -110,6 +110,65 @@ def test_permute_moves_rows(dtype, T, K, E, E_local, align, H):
     check_permuted_rows(permuted, x, offsets, perm, K)
 
 
+def random_scales(T, G, device="cpu"):
+    """Fresh positive scales, [T] when G is None (per token), else [T, G]."""
+    shape = (T,) if G is None else (T, G)
+    return (torch.rand(shape) + 0.01).to(device)
+
+
+def check_permuted_scales(permuted_scales, scales, offsets, perm, K):
+    """Row r's scales are those of its source token, exactly; alignment padding rows get zeros."""
+    used = int(offsets[-1])
+    G = 1 if scales.dim() == 1 else scales.shape[1]
+    assert permuted_scales.shape == (perm.shape[0], G) and permuted_scales.dtype == torch.float32
+    p = perm[:used].long().cpu()
+    got = permuted_scales[:used].cpu()
+    src = scales.cpu().reshape(-1, G)
+    real = p >= 0
+    assert torch.equal(got[real], src[p[real] // K])
+    assert (got[~real] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
+@pytest.mark.parametrize("G", [None, 1, 56, 3])  # None: [T] per token; 1: [T, 1]; 56: DeepSeek-V3's H/128
+@pytest.mark.parametrize("T,K,E,E_local,align", CASES)
+def test_permute_moves_scales_with_rows(dtype, G, T, K, E, E_local, align):
+    H = 256
+    x = random_rows(T, H, dtype)
+    ids = random_topk_ids(T, K, E)
+    emap = random_expert_map(E, E_local) if E_local else None
+    scales = random_scales(T, G)
+    permuted, offsets, inv, perm, permuted_scales = moe_kernels.moe_permute(x, ids, E, emap, E_local or -1, align,
+                                                                            scales)
+    # The rows and the routing are those of the call without scales.
+    want = moe_kernels.moe_permute(x, ids, E, emap, E_local or -1, align)
+    for g, w in zip((offsets, inv, perm), want[1:]):
+        assert torch.equal(g, w)
+    check_permuted_rows(permuted, x, offsets, perm, K)
+    check_permuted_scales(permuted_scales, scales, offsets, perm, K)
+
+
+def test_permute_returns_four_tensors_without_scales_and_the_op_five():
+    x, ids = random_rows(5, 16, torch.bfloat16), random_topk_ids(5, 2, 8)
+    assert len(moe_kernels.moe_permute(x, ids, 8)) == 4
+    assert len(moe_kernels.moe_permute(x, ids, 8, scales=torch.rand(5))) == 5
+    out = torch.ops.moe_kernels.moe_permute(x, ids, 8)
+    assert len(out) == 5 and out[4].shape == (0,) and out[4].dtype == torch.float32
+
+
+def test_permute_scales_follow_quantized_rows():
+    # Dequantizing the permuted fp8 rows with the permuted group scales gives the permuted
+    # dequantized input: scales and rows travel together.
+    T, K, E, H = 37, 4, 16, 512
+    x = torch.randn(T, H).bfloat16()
+    q, s = moe_kernels.per_token_group_quant_fp8(x, 128)
+    ids = random_topk_ids(T, K, E)
+    permuted, offsets, _, perm, ps = moe_kernels.moe_permute(q, ids, E, scales=s)
+    deq = q.float() * s.repeat_interleave(128, dim=1)
+    got = permuted.float() * ps.repeat_interleave(128, dim=1)
+    assert torch.equal(got, deq[perm.long() // K])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("weights_fp32", [True, False])
 @pytest.mark.parametrize("T,K,E,E_local,H", [(1, 2, 8, None, 64), (37, 8, 64, 20, 2056), (0, 4, 8, None, 16),
@@ -162,6 +221,10 @@ def test_opcheck(device):
     emap = random_expert_map(E, 3, device)
     opcheck(torch.ops.moe_kernels.moe_sort_tokens.default, (ids, E, emap, 3, 4))
     opcheck(torch.ops.moe_kernels.moe_permute.default, (x, ids, E, None, -1, 0))
+    # Every row used (no expert_map, no alignment): rows past expert_offsets[-1] are unwritten,
+    # which opcheck's eager-vs-traced comparison would see as a difference.
+    for scales in (torch.rand(T, device=device), torch.rand(T, 3, device=device)):
+        opcheck(torch.ops.moe_kernels.moe_permute.default, (x, ids, E, None, -1, 0, scales))
     permuted, offsets, inv, _ = moe_kernels.moe_permute(x, ids, E)
     w = torch.rand(T, K, device=device)
     opcheck(torch.ops.moe_kernels.moe_unpermute.default, (permuted, w, inv))
@@ -227,6 +290,31 @@ def test_permute_rejects_bad_hidden_states(device):
         moe_kernels.moe_permute(torch.zeros(4, device=device), ids, 8)
     with pytest.raises(RuntimeError, match="hidden_states must be contiguous"):
         moe_kernels.moe_permute(torch.zeros(8, 4, device=device).t(), ids, 8)
+
+
+BAD_SCALES = [
+    (torch.rand(4, 2, dtype=torch.float64), "scales must be float32, got Double"),
+    (torch.rand(5), r"scales must be \[T\] or \[T, 1\] \(per token\) or \[T, G\] \(per group\), T=4, got shape \[5\]"),
+    (torch.rand(4, 2, 1), r"scales must be \[T\] or \[T, 1\].*got shape \[4, 2, 1\]"),
+    (torch.rand(4, 0), r"scales must be \[T\] .*got shape \[4, 0\]"),
+    ("strided", r"scales must be contiguous \(row-major \[T, G\]\)"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scales,message", BAD_SCALES)
+def test_permute_rejects_bad_scales(device, scales, message):
+    x, ids = torch.zeros(4, 8, device=device), torch.zeros(4, 2, dtype=torch.int32, device=device)
+    scales = torch.rand(2, 4, device=device).t() if isinstance(scales, str) else scales.to(device)
+    with pytest.raises(RuntimeError, match=f"moe_permute: {message}"):
+        moe_kernels.moe_permute(x, ids, 8, scales=scales)
+
+
+@pytest.mark.cuda
+def test_permute_rejects_scales_on_another_device():
+    x, ids = torch.zeros(4, 8, device="cuda"), torch.zeros(4, 2, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"moe_permute: scales must be on cuda:0 \(as hidden_states\), got cpu"):
+        moe_kernels.moe_permute(x, ids, 8, scales=torch.rand(4))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -311,6 +399,29 @@ def test_permute_cuda_matches_cpu(dtype, T, K, E, E_local, align, H):
         assert torch.equal(g.cpu(), w)
     used = int(want[1][-1])
     assert torch.equal(got[0][:used].cpu().view(torch.uint8), want[0][:used].view(torch.uint8))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("G", [None, 1, 56, 130])  # 130 scales: more than a block's 128 threads
+@pytest.mark.parametrize("T,K,E,E_local,align,H", [
+    (1, 2, 8, None, 0, 7168), (7, 2, 8, None, 0, 2056), (33, 4, 16, 6, 8, 7), (0, 2, 8, None, 0, 128),
+    (0, 8, 64, 8, 64, 128), (1000, 8, 128, None, 0, 7168), (257, 8, 64, 16, 64, 1024), (64, 8, 256, None, 0, 0)])
+def test_permute_scales_cuda_matches_cpu(G, T, K, E, E_local, align, H):
+    x = random_rows(T, H, torch.float32).to(FP8)
+    ids = random_topk_ids(T, K, E)
+    emap = random_expert_map(E, E_local) if E_local else None
+    scales = random_scales(T, G)
+    want = moe_kernels.moe_permute(x, ids, E, emap, E_local or -1, align, scales)
+    poison_cuda_allocator(0xFF)
+    got = moe_kernels.moe_permute(x.cuda(), ids.cuda(), E, emap.cuda() if emap is not None else None,
+                                  E_local or -1, align, scales.cuda())
+    for g, w in zip(got[1:4], want[1:4]):
+        assert torch.equal(g.cpu(), w)
+    used = int(want[1][-1])
+    assert torch.equal(got[0][:used].cpu().view(torch.uint8), want[0][:used].view(torch.uint8))
+    assert got[4].shape == want[4].shape
+    assert torch.equal(got[4][:used].cpu(), want[4][:used])  # poisoned: an unwritten scale is NaN
+    check_permuted_scales(got[4], scales, want[1], want[3], K)
 
 
 @pytest.mark.cuda

@@ -61,16 +61,15 @@ at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tenso
               op, ": w1_scale and w2_scale must be [E] per expert, or [E, 2I] and [E, H] with per_out_ch, got ",
               w1_scale.sizes(), " and ", w2_scale.sizes());
 
-  // Quantize once per token, then move fp8 rows (half the bytes of bf16); a per-token scale
-  // follows its row (row r of the permuted tensor comes from token permuted_idx[r] / K).
+  // Quantize once per token, then move fp8 rows (half the bytes of bf16) with their per-token
+  // scales in the same pass; a per-tensor scale stays as it is.
   auto [x_q, a1s] = scaled_fp8_quant(x, a1_scale, per_act_token);
-  auto [permuted, offsets, inv, perm] =
-      moe_permute(x_q, topk_ids, num_experts, expert_map, expert_map ? E_local : -1, 0);
-  if (a1s.numel() != 1) {
-    const at::Tensor token = perm.clamp_min(0).div(topk_ids.size(1), "floor").to(at::kLong);
-    a1s = a1s.reshape({-1}).index_select(0, token);  // unused rows (perm -1) borrow token 0's scale
-  }
-  at::Tensor h1 = cutlass_grouped_gemm_fp8(permuted, w1, a1s, w1s, offsets);  // [M, 2I]
+  const bool a1_per_tensor = !per_act_token || a1_scale.has_value();
+  auto [permuted, offsets, inv, perm, permuted_scales] =
+      moe_permute(x_q, topk_ids, num_experts, expert_map, expert_map ? E_local : -1, 0,
+                  a1_per_tensor ? std::nullopt : std::optional<at::Tensor>(a1s));
+  const at::Tensor gemm1_scales = a1_per_tensor ? a1s : permuted_scales;  // [1] or [M, 1]
+  at::Tensor h1 = cutlass_grouped_gemm_fp8(permuted, w1, gemm1_scales, w1s, offsets);  // [M, 2I]
   auto [y_q, a2s] = silu_and_mul_quant_fp8(h1, a2_scale, per_act_token);       // [M, I]
   at::Tensor h2 = cutlass_grouped_gemm_fp8(y_q, w2, a2s, w2s, offsets);        // [M, H]
   return moe_unpermute(h2, weights, inv).to(hidden_states.scalar_type());

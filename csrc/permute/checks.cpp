@@ -67,6 +67,19 @@ void check_permute_hidden(const char* op, const at::Tensor& hidden_states, const
               ", got ", topk_ids.device());
 }
 
+int64_t check_permute_scales(const char* op, const at::Tensor& scales, const at::Tensor& hidden_states) {
+  const int64_t T = hidden_states.size(0);
+  TORCH_CHECK((scales.dim() == 1 || scales.dim() == 2) && scales.size(0) == T && (scales.dim() == 1 || scales.size(1) >= 1),
+              op, ": scales must be [T] or [T, 1] (per token) or [T, G] (per group), T=", T, ", got shape ",
+              scales.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ", scales.scalar_type());
+  TORCH_CHECK(scales.is_contiguous(), op, ": scales must be contiguous (row-major [T, G]), got strides ",
+              scales.strides());
+  TORCH_CHECK(scales.device() == hidden_states.device(), op, ": scales must be on ", hidden_states.device(),
+              " (as hidden_states), got ", scales.device());
+  return scales.dim() == 1 ? 1 : scales.size(1);
+}
+
 void check_weighted_gather_args(const char* op, const char* rows_name, const at::Tensor& rows,
                                 const at::Tensor& topk_weights, const at::Tensor& index, const char* index_name) {
   TORCH_CHECK(rows.dim() == 2, op, ": ", rows_name, " must be 2-D [rows, H], got shape ", rows.sizes());

@@ -21,6 +21,10 @@ SortShape check_sort_args(const char* op, const at::Tensor& topk_ids, int64_t nu
 
 void check_permute_hidden(const char* op, const at::Tensor& hidden_states, const at::Tensor& topk_ids);
 
+// The scales that travel with moe_permute's rows: [T] or [T, 1] (per token), or [T, G] (per group
+// of columns), float32, contiguous, on hidden_states' device. Returns G (1 per token).
+int64_t check_permute_scales(const char* op, const at::Tensor& scales, const at::Tensor& hidden_states);
+
 // Checks of a weighted gather (moe_unpermute, ep_post_reorder): rows [R,H], weights [T,K],
 // index [T,K] int32.
 void check_weighted_gather_args(const char* op, const char* rows_name, const at::Tensor& rows,

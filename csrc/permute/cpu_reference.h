@@ -13,9 +13,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor&
                                                               const std::optional<at::Tensor>& expert_map,
                                                               int64_t num_local_experts, int64_t align_block_size);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
     const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
-    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size);
+    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size,
+    const std::optional<at::Tensor>& scales);
 
 // out[t] = sum over kept k of w[t,k] * rows[index[t,k]]; kept: index >= 0 and, when topk_ids is
 // given, start <= topk_ids[t,k] <= end. Accumulates in fp32 in k order.

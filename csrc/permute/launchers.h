@@ -40,6 +40,9 @@ struct PermuteRowsArgs {
   const int64_t* expert_offsets;    // [E_local + 1]; its last entry bounds the rows in use
   int num_local_experts;
   bool zero_padding_rows;       // align_block_size > 0: padding rows inside the used range get zeros
+  const float* scales;          // [T, scales_per_row] fp32 or nullptr: moved with the rows
+  float* permuted_scales;       // [M, scales_per_row]
+  int64_t scales_per_row;       // 0 without scales
 };
 cudaError_t launch_permute_rows(const PermuteRowsArgs& args, cudaStream_t stream);
 

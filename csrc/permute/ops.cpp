@@ -41,14 +41,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor&
   return {offsets, inv, perm};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
     const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
-    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size) {
+    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size,
+    const std::optional<at::Tensor>& scales) {
   const char* op = "moe_permute";
   check_permute_hidden(op, hidden_states, topk_ids);
+  const int64_t scales_per_row = scales ? check_permute_scales(op, *scales, hidden_states) : 0;
   const c10::cuda::CUDAGuard guard(hidden_states.device());
   auto [offsets, inv, perm] = moe_sort_tokens(topk_ids, num_experts, expert_map, num_local_experts, align_block_size);
   auto permuted = at::empty({perm.size(0), hidden_states.size(1)}, hidden_states.options());
+  const auto f32 = hidden_states.options().dtype(at::kFloat);
+  auto permuted_scales = scales ? at::empty({perm.size(0), scales_per_row}, f32) : at::empty({0}, f32);
   PermuteRowsArgs a{hidden_states.data_ptr(),
                     permuted.data_ptr(),
                     hidden_states.size(1) * hidden_states.element_size(),
@@ -59,9 +63,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
                     perm.data_ptr<int32_t>(),
                     offsets.data_ptr<int64_t>(),
                     static_cast<int>(offsets.size(0) - 1),
-                    align_block_size > 0};
+                    align_block_size > 0,
+                    scales ? scales->data_ptr<float>() : nullptr,
+                    scales ? permuted_scales.data_ptr<float>() : nullptr,
+                    scales_per_row};
   check_launch(launch_permute_rows(a, current_stream()), op);
-  return {permuted, offsets, inv, perm};
+  return {permuted, offsets, inv, perm, permuted_scales};
 }
 
 at::Tensor weighted_gather(const char* op, const at::Tensor& rows, const at::Tensor& topk_weights,
@@ -119,12 +126,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor&
   return handle.call(topk_ids, num_experts, expert_map, num_local_experts, align_block_size);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
     const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
-    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size) {
+    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size,
+    const std::optional<at::Tensor>& scales) {
   static auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("moe_kernels::moe_permute", "")
                            .typed<decltype(moe_permute)>();
-  return handle.call(hidden_states, topk_ids, num_experts, expert_map, num_local_experts, align_block_size);
+  return handle.call(hidden_states, topk_ids, num_experts, expert_map, num_local_experts, align_block_size, scales);
 }
 
 at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,

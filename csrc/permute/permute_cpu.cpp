@@ -59,28 +59,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor&
   return {offsets, inv, perm};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
     const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
-    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size) {
-  check_permute_hidden("moe_permute", hidden_states, topk_ids);
+    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size,
+    const std::optional<at::Tensor>& scales) {
+  const char* op = "moe_permute";
+  check_permute_hidden(op, hidden_states, topk_ids);
+  const int64_t G = scales ? check_permute_scales(op, *scales, hidden_states) : 0;
   auto [offsets, inv, perm] = moe_sort_tokens(topk_ids, num_experts, expert_map, num_local_experts, align_block_size);
   const int64_t M = perm.size(0);
   const int64_t H = hidden_states.size(1);
   const int64_t K = topk_ids.size(1);
   auto permuted = at::empty({M, H}, hidden_states.options());
+  const auto f32 = hidden_states.options().dtype(at::kFloat);
+  auto permuted_scales = scales ? at::empty({M, G}, f32) : at::empty({0}, f32);
   const int64_t row_bytes = H * hidden_states.element_size();
   const auto* src = static_cast<const uint8_t*>(hidden_states.data_ptr());
   auto* dst = static_cast<uint8_t*>(permuted.data_ptr());
+  const float* src_s = scales ? scales->data_ptr<float>() : nullptr;
+  float* dst_s = scales ? permuted_scales.data_ptr<float>() : nullptr;
   const int32_t* perm_p = perm.data_ptr<int32_t>();
   const int64_t used = offsets[-1].item<int64_t>();
-  for (int64_t r = 0; r < used; ++r) {  // padding rows get zeros; rows past `used` are unspecified
-    if (perm_p[r] >= 0) {
-      std::memcpy(dst + r * row_bytes, src + (perm_p[r] / K) * row_bytes, row_bytes);
+  // A row and its G scales move together. Padding rows (and their scales) get zeros; rows past
+  // `used` are unspecified.
+  for (int64_t r = 0; r < used; ++r) {
+    const int64_t token = perm_p[r] >= 0 ? perm_p[r] / K : -1;
+    if (token >= 0) {
+      std::memcpy(dst + r * row_bytes, src + token * row_bytes, row_bytes);
     } else {
       std::memset(dst + r * row_bytes, 0, row_bytes);
     }
+    for (int64_t i = 0; i < G; ++i) dst_s[r * G + i] = token >= 0 ? src_s[token * G + i] : 0.0f;
   }
-  return {permuted, offsets, inv, perm};
+  return {permuted, offsets, inv, perm, permuted_scales};
 }
 
 at::Tensor weighted_gather(const at::Tensor& rows, const at::Tensor& topk_weights, const at::Tensor& index,

@@ -12,10 +12,19 @@ constexpr int64_t kMaxPermuteBlocks = 132 * 32;
 
 template <int kVecBytes>
 cudaError_t launch_with_width(const PermuteRowsArgs& a, cudaStream_t stream) {
-  if (a.num_tokens > 0 && a.row_bytes > 0) {
-    PermuteRowsParams p{static_cast<const uint8_t*>(a.hidden_states), static_cast<uint8_t*>(a.permuted),
-                        a.row_bytes, a.num_tokens, a.topk, a.inv_permuted_idx, a.num_rows};
-    const int64_t slices = ceil_div(a.row_bytes / kVecBytes, kPermuteThreads);
+  const bool has_data = a.row_bytes > 0 || a.scales_per_row > 0;
+  if (a.num_tokens > 0 && has_data) {
+    PermuteRowsParams p{static_cast<const uint8_t*>(a.hidden_states),
+                        static_cast<uint8_t*>(a.permuted),
+                        a.row_bytes,
+                        a.num_tokens,
+                        a.topk,
+                        a.inv_permuted_idx,
+                        a.num_rows,
+                        a.scales,
+                        a.permuted_scales,
+                        a.scales_per_row};
+    const int64_t slices = std::max<int64_t>(1, ceil_div(a.row_bytes / kVecBytes, kPermuteThreads));
     const dim3 blocks(static_cast<unsigned>(std::min(a.num_tokens, std::max<int64_t>(1, kMaxPermuteBlocks / slices))),
                       static_cast<unsigned>(slices));
     // A programmatic dependent of the sort kernel just queued on this stream (see cuda_utils.cuh).
@@ -31,10 +40,11 @@ cudaError_t launch_with_width(const PermuteRowsArgs& a, cudaStream_t stream) {
     cudaError_t err = cudaLaunchKernelEx(&config, permute_rows_kernel<kVecBytes>, p);
     if (err != cudaSuccess) return err;
   }
-  if (a.zero_padding_rows && a.num_rows > 0 && a.row_bytes > 0) {
+  if (a.zero_padding_rows && a.num_rows > 0 && has_data) {
     const int blocks = static_cast<int>(std::min(a.num_rows, kMaxPermuteBlocks));
     zero_padding_rows_kernel<kVecBytes><<<blocks, kPermuteThreads, 0, stream>>>(
-        static_cast<uint8_t*>(a.permuted), a.row_bytes, a.permuted_idx, a.expert_offsets, a.num_local_experts);
+        static_cast<uint8_t*>(a.permuted), a.row_bytes, a.permuted_idx, a.expert_offsets, a.num_local_experts,
+        a.permuted_scales, a.scales_per_row);
   }
   return cudaGetLastError();
 }

@@ -15,11 +15,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(
     const at::Tensor& topk_ids, int64_t num_experts, const std::optional<at::Tensor>& expert_map = std::nullopt,
     int64_t num_local_experts = -1, int64_t align_block_size = 0);
 
-// -> (permuted [M,H], expert_offsets, inv_permuted_idx, permuted_idx)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
+// -> (permuted [M,H], expert_offsets, inv_permuted_idx, permuted_idx, permuted_scales)
+// scales [T] / [T,1] (per token) or [T,G] (per group) float32 move with their rows in the same
+// pass: permuted_scales [M,G] (padding rows 0, rows past expert_offsets[-1] unwritten); without
+// scales, permuted_scales is an empty [0] float32 tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
     const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
     const std::optional<at::Tensor>& expert_map = std::nullopt, int64_t num_local_experts = -1,
-    int64_t align_block_size = 0);
+    int64_t align_block_size = 0, const std::optional<at::Tensor>& scales = std::nullopt);
 
 // -> out [T,H]: out[t] = sum_k topk_weights[t,k] * permuted[inv_permuted_idx[t,k]]
 at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,

@@ -7,7 +7,7 @@ torch.compile and CUDA graphs see static shapes: with expert parallelism the num
 experts is an argument.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -63,20 +63,32 @@ def moe_permute(
     expert_map: Optional[Tensor] = None,
     num_local_experts: int = -1,
     align_block_size: int = 0,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    scales: Optional[Tensor] = None,
+) -> Union[Tuple[Tensor, Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
     """Groups the token rows by expert: row of (t, k) is ``permuted[inv_permuted_idx[t, k]]``.
 
     Args:
         hidden_states: [T, H] bfloat16, float16, float32 or float8_e4m3fn, contiguous.
         topk_ids, num_experts, expert_map, num_local_experts, align_block_size: as moe_sort_tokens.
+        scales: optional float32 scales of the rows of quantized hidden_states, moved with them in
+            the same kernel pass: [T] or [T, 1] (per token) or [T, G] (per group of columns, e.g.
+            the [T, H/128] of per_token_group_quant_fp8), contiguous.
 
     Returns:
+        Four tensors without scales, five with them:
+
         permuted: [M, H], dtype of hidden_states; M = T*K, or with align_block_size = a,
             round_up(T*K + E_local*(a-1), a). Alignment padding rows are zero; rows at and past
             expert_offsets[-1] are left unwritten.
         expert_offsets, inv_permuted_idx, permuted_idx: as moe_sort_tokens.
+        permuted_scales (only when scales is given): [M, G] float32 (G = 1 per token), row r
+            holding the scales of permuted's row r; like permuted's rows, padding rows are zero and
+            rows at and past expert_offsets[-1] are left unwritten. (The op itself always returns
+            five tensors, the fifth an empty [0] float32 tensor without scales.)
     """
-    return _ops.moe_permute(hidden_states, topk_ids, num_experts, expert_map, num_local_experts, align_block_size)
+    out = _ops.moe_permute(hidden_states, topk_ids, num_experts, expert_map, num_local_experts, align_block_size,
+                           scales)
+    return out if scales is not None else out[:4]
 
 
 def moe_unpermute(permuted: Tensor, topk_weights: Tensor, inv_permuted_idx: Tensor) -> Tensor:
@@ -124,15 +136,21 @@ def _(topk_ids, num_experts, expert_map=None, num_local_experts=-1, align_block_
 
 
 @torch.library.register_fake("moe_kernels::moe_permute")
-def _(hidden_states, topk_ids, num_experts, expert_map=None, num_local_experts=-1, align_block_size=0):
+def _(hidden_states, topk_ids, num_experts, expert_map=None, num_local_experts=-1, align_block_size=0, scales=None):
     T, K = topk_ids.shape
     local = _local_experts(num_experts, expert_map, num_local_experts)
     rows = permuted_rows(T, K, local, align_block_size)
+    if scales is None:
+        permuted_scales = hidden_states.new_empty((0,), dtype=torch.float32)
+    else:
+        G = 1 if scales.dim() == 1 else scales.shape[1]
+        permuted_scales = hidden_states.new_empty((rows, G), dtype=torch.float32)
     return (
         hidden_states.new_empty((rows, hidden_states.shape[1])),
         topk_ids.new_empty((local + 1,), dtype=torch.int64),
         topk_ids.new_empty((T, K), dtype=torch.int32),
         topk_ids.new_empty((rows,), dtype=torch.int32),
+        permuted_scales,
     )
 
 
