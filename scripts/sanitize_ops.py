@@ -116,6 +116,12 @@ def run_gemm():
     ids = torch.rand(33, 8, device="cuda").argsort(1)[:, :2].int().contiguous()
     moe_kernels.cutlass_moe_fp8(x, w1, w2, torch.rand(33, 2, device="cuda"), ids, torch.ones(8, device="cuda"),
                                 torch.ones(8, device="cuda"))
+    # Pre-quantized input with per-token scales (moved by moe_permute), then block mode.
+    q, s = moe_kernels.scaled_fp8_quant(x, None, True)
+    moe_kernels.cutlass_moe_fp8(q, w1, w2, torch.rand(33, 2, device="cuda"), ids, torch.ones(8, device="cuda"),
+                                torch.ones(8, device="cuda"), s, None, True)
+    moe_kernels.cutlass_moe_fp8(x, w1, w2, torch.rand(33, 2, device="cuda"), ids, torch.ones(8, 2, 2, device="cuda"),
+                                torch.ones(8, 2, 1, device="cuda"))
 
 
 if __name__ == "__main__":

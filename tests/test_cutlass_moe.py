@@ -155,7 +155,7 @@ def test_layer_rejects_bad_arguments(device):
     layer = moe_kernels.cutlass_moe_fp8
     with pytest.raises(RuntimeError, match=r"w1_scale and w2_scale must be \[E\] per expert"):
         layer(x, w1, w2, w, ids, w1_s, w2_s, per_out_ch=True)
-    with pytest.raises(RuntimeError, match="hidden_states must be bfloat16 or float16, got Float"):
+    with pytest.raises(RuntimeError, match="hidden_states must be bfloat16, float16 or float8_e4m3fn .*got Float"):
         layer(x.float(), w1, w2, w, ids, w1_s, w2_s)
     with pytest.raises(RuntimeError, match=r"w1 must be \[E, 2I, H\]"):
         layer(x, w1[:, :32], w2, w, ids, w1_s, w2_s)
@@ -163,3 +163,38 @@ def test_layer_rejects_bad_arguments(device):
         layer(x, w1, w2, w, ids, w1_s, w2_s, expert_map=torch.arange(8, dtype=torch.int32, device=device))
     with pytest.raises(RuntimeError, match="apply_router_weight_on_input needs topk == 1"):
         layer(x, w1, w2, w, ids, w1_s, w2_s, apply_router_weight_on_input=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["static", "per_token", "per_token_1d"])
+def test_layer_prequantized_input_equals_bf16_input(device, mode):
+    # fp8 rows with their scale (as an all-to-all delivers them) give the bytes of the layer on the
+    # bf16 rows quantized the same way; the output is bf16.
+    x, w1, w2, w, ids, w1_s, w2_s = make_layer(9, 8, 2, 256, 128, device, per_channel=True)
+    if mode == "static":
+        a1 = torch.tensor([x.float().abs().max().item() / 448], device=device)
+        kwargs = dict(per_out_ch=True, a2_scale=torch.tensor([0.01], device=device))
+        q, s = moe_kernels.scaled_fp8_quant(x, a1)
+        want = moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, w1_s, w2_s, a1_scale=a1, **kwargs)
+    else:
+        kwargs = dict(per_out_ch=True, per_act_token=True)
+        q, s = moe_kernels.scaled_fp8_quant(x, None, True)
+        s = s.reshape(-1) if mode == "per_token_1d" else s  # [T] or [T, 1]
+        want = moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, w1_s, w2_s, **kwargs)
+    got = moe_kernels.cutlass_moe_fp8(q, w1, w2, w, ids, w1_s, w2_s, a1_scale=s, **kwargs)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_rejects_bad_prequantized_scales(device):
+    x, w1, w2, w, ids, w1_s, w2_s = make_layer(4, 8, 2, 256, 128, device)
+    q = x.to(torch.float8_e4m3fn)
+    layer = moe_kernels.cutlass_moe_fp8
+    with pytest.raises(RuntimeError, match="a1_scale is required with float8_e4m3fn hidden_states"):
+        layer(q, w1, w2, w, ids, w1_s, w2_s)
+    with pytest.raises(RuntimeError, match=r"a1_scale must be \[1\] \(per tensor\) or \[T\] / \[T, 1\] "
+                                           r"\(per token, T=4\) .*per-group scales need block mode.* got shape \[4, 2\]"):
+        layer(q, w1, w2, w, ids, w1_s, w2_s, a1_scale=torch.ones(4, 2, device=device))
+    with pytest.raises(RuntimeError, match=r"a1_scale must be float32, got Half"):
+        layer(q, w1, w2, w, ids, w1_s, w2_s, a1_scale=torch.ones(1, device=device).half())

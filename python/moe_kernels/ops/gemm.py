@@ -52,29 +52,54 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
                     apply_router_weight_on_input: bool = False) -> Tensor:
     """The FP8 expert computation of an MoE layer (SwiGLU experts).
 
-    quantize(hidden) -> moe_permute -> grouped GEMM with w1 -> silu(gate) * up + quantize ->
-    grouped GEMM with w2 -> moe_unpermute with topk_weights.
+    quantize(hidden) -> moe_permute (rows with their scales) -> grouped GEMM with w1 ->
+    silu(gate) * up + quantize -> grouped GEMM with w2 -> moe_unpermute with topk_weights.
+
+    Modes, chosen by the weight scales' shapes and the input dtype:
+
+    - Per-expert / per-channel weight scales (w1_scale, w2_scale 1-D or 2-D): activations with a
+      static per-tensor scale (a1_scale, a2_scale [1]) or dynamic scales computed on the device,
+      per tensor or, with per_act_token, per token.
+    - Block mode (DeepSeek-V3/R1, Qwen3-FP8, Kimi-K2 checkpoints), selected by 3-D weight scales
+      w1_scale [E_local, 2I/128, H/128] and w2_scale [E_local, H/128, I/128] float32: one scale per
+      128x128 block of the weight, multiplied to dequantize (the checkpoints' ``weight_scale_inv``
+      as stored, gate blocks first as w1's rows). Activations are quantized per token per 128
+      columns at both points (per_token_group_quant_fp8 before GEMM1, silu_and_mul_quant_fp8 with
+      group_size=128 before GEMM2). H and I must be multiples of 128; a1_scale (with bf16/fp16
+      input), a2_scale, per_act_token and per_out_ch are errors in this mode.
+    - Pre-quantized input: hidden_states float8_e4m3fn (e.g. quantized before an all-to-all), with
+      a1_scale their scale: [1] per tensor or [T] / [T, 1] per token (per-expert/per-channel
+      weights), [T, H/128] per token group (block mode, as per_token_group_quant_fp8 returns it).
+      The rows are used as they are; the output is then bfloat16. per_act_token still selects the
+      granularity of GEMM2's dynamic activation scale (outside block mode). The result equals the
+      layer's on bf16 input quantized the same way.
+
+    Per-token and per-group activation scales travel with their rows through moe_permute's
+    scales path (one kernel pass).
 
     Args:
-        hidden_states: [T, H] bfloat16 or float16.
+        hidden_states: [T, H] bfloat16 or float16, or float8_e4m3fn (pre-quantized, see above).
         w1: [E_local, 2I, H] float8_e4m3fn, rows 0..I-1 gate and I..2I-1 up (vLLM's w13).
         w2: [E_local, H, I] float8_e4m3fn.
         topk_weights: [T, K] float32; topk_ids: [T, K] int32/int64 global expert ids.
         w1_scale, w2_scale: [E_local] float32 per-expert weight scales, or with per_out_ch
-            per-output-channel scales [E_local, 2I] and [E_local, H] (a trailing 1 is allowed).
-        a1_scale, a2_scale: [1] float32 static activation scales, or None for dynamic scales
-            computed on the device (per tensor, or per token with per_act_token). With expert_map,
-            a2_scale or per_act_token is required (a dynamic per-tensor scale would span rows
-            that no local expert computes).
+            per-output-channel scales [E_local, 2I] and [E_local, H] (a trailing 1 is allowed),
+            or 3-D block scales (block mode, above).
+        a1_scale: [1] float32 static activation scale (bf16/fp16 input, not in block mode), or the
+            scale of float8_e4m3fn hidden_states (required then), or None for dynamic scales.
+        a2_scale: [1] float32 static scale of GEMM2's input, or None for a dynamic one (per tensor,
+            per token with per_act_token, per token per 128 columns in block mode). With
+            expert_map, outside block mode, a2_scale or per_act_token is required (a dynamic
+            per-tensor scale would span rows that no local expert computes).
         per_act_token: dynamic per-token activation scales (ignored for a static scale).
         per_out_ch: per-output-channel weight scales.
         expert_map: [E] int32 global -> local expert or -1 (expert parallelism); other experts'
             choices contribute nothing.
         num_local_experts: -1 or E_local.
-        apply_router_weight_on_input: multiply the input by the weight (top-1 only) instead of the
-            output.
+        apply_router_weight_on_input: multiply the input by the weight (top-1 only, bf16/fp16
+            input) instead of the output.
     Returns:
-        [T, H], hidden_states' dtype.
+        [T, H], hidden_states' dtype; bfloat16 for float8_e4m3fn hidden_states.
     """
     return _ops.cutlass_moe_fp8(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale,
                                 a2_scale, per_act_token, per_out_ch, expert_map, num_local_experts,
@@ -90,4 +115,5 @@ def _(a, b, a_scales, b_scales, expert_offsets, out_dtype=None):
 def _(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale=None, a2_scale=None,
       per_act_token=False, per_out_ch=False, expert_map=None, num_local_experts=-1,
       apply_router_weight_on_input=False):
-    return torch.empty_like(hidden_states)
+    dtype = torch.bfloat16 if hidden_states.dtype == torch.float8_e4m3fn else hidden_states.dtype
+    return torch.empty_like(hidden_states, dtype=dtype)
