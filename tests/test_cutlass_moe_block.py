@@ -3,8 +3,6 @@ block, activations quantized per token per 128 columns), and with pre-quantized 
 plain PyTorch fp32 emulation; expert_map; T = 0 and 1; empty experts and one expert with all rows;
 CUDA graphs; bad scale shapes and sizes."""
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,60 +15,6 @@ from helpers import DEVICES, random_expert_map, random_topk_ids
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
 E4M3_MAX = 448.0
-
-
-# ---------------------------------------------------------------- the GEMM the layer calls on CPU
-
-def _block_gemm_available():
-    """Whether cutlass_grouped_gemm_fp8 takes block scales (a_scales [M, K/128], b_scales
-    [E, N/128, K/128]): the lead's block-scaled GEMM, not on main when this file was written."""
-    a, b = torch.ones(1, 256).to(FP8), torch.ones(1, 128, 256).to(FP8)
-    try:
-        moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.ones(1, 2), torch.ones(1, 1, 2), torch.tensor([0, 1]))
-        return True
-    except RuntimeError:
-        return False
-
-
-def _torch_grouped_gemm(a, b, a_scales, b_scales, expert_offsets, out_dtype=None):
-    """TEMPORARY plain-torch CPU grouped GEMM with every scale granularity (block ones included):
-    out[rows of e] = bf16((a * a_scales) @ (b[e] * b_scales[e])^T) in fp32. Stands in for
-    cutlass_grouped_gemm_fp8's CPU reference until the block-scaled mode lands on main, so that
-    the layer's composition is checked now; delete it then (the tests run the real op)."""
-    M, K = a.shape
-    E, N, _ = b.shape
-    if a_scales.numel() == 1:
-        sa = a_scales.reshape(1, 1).expand(M, K)
-    elif a_scales.dim() == 2 and a_scales.shape[1] == K // BLOCK and b_scales.dim() == 3:
-        sa = a_scales.repeat_interleave(BLOCK, dim=1)
-    else:
-        sa = a_scales.reshape(M, 1).expand(M, K)
-    out = torch.empty(M, N, dtype=torch.bfloat16)
-    a = a.float() * sa
-    for e in range(E):
-        lo, hi = int(expert_offsets[e]), int(expert_offsets[e + 1])
-        s = b_scales[e]
-        if s.dim() == 2:
-            sb = s.repeat_interleave(BLOCK, dim=0).repeat_interleave(BLOCK, dim=1)
-        else:
-            sb = s.reshape(-1, 1)
-        out[lo:hi] = (a[lo:hi] @ (b[e].float() * sb).t()).to(torch.bfloat16)
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def block_gemm_on_cpu():
-    """Runs the layer tests against the real op once it takes block scales; until then, routes the
-    CPU grouped GEMM to the temporary torch one above (the CUDA tests need the real op)."""
-    if _block_gemm_available():
-        yield
-        return
-    lib = torch.library.Library("moe_kernels", "IMPL")
-    with warnings.catch_warnings():  # "overriding a previously registered kernel": intended
-        warnings.simplefilter("ignore")
-        lib.impl("cutlass_grouped_gemm_fp8", _torch_grouped_gemm, "CPU")
-    yield
-    lib._destroy()  # the library's own CPU kernel is back
 
 
 # ---------------------------------------------------------------- plain torch emulation (the spec)
