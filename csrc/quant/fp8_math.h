@@ -9,6 +9,8 @@
 // flip roundings to e4m3 and make the CUDA op impossible to compare byte for byte.
 #pragma once
 
+#include <cfloat>
+
 #include "common/portable_math.h"
 
 namespace moe_kernels::fp8 {
@@ -31,6 +33,15 @@ MOE_HOST_DEVICE float silu_and_mul(float gate, float up) { return mul_rn(silu(ga
 // the per-tensor scale is the maximum of the per-block scales (one atomicMax per block).
 MOE_HOST_DEVICE float scale_from_amax(float amax) {
   return max_ignoring_nan(div_rn(amax, kE4M3Max), kMinScale);
+}
+
+// What a value contributes to a dynamic scale's amax: |y| when finite, else 0. NaN and +-inf are
+// ignored, so that one non-finite value neither poisons the scale of its row or tensor (inf / 448
+// would zero every other value and make inf * 0 = NaN) nor changes it: +-inf then saturates to
+// +-448 and NaN stays NaN, the other values keep their resolution.
+MOE_HOST_DEVICE float amax_term(float y) {
+  const float a = abs_f(y);
+  return a <= FLT_MAX ? a : 0.0f;  // false for NaN and inf
 }
 
 // Values are quantized as y * (1 / scale): one reciprocal per scale, one multiply per element (as

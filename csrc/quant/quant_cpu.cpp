@@ -18,7 +18,7 @@ c10::Float8_e4m3fn to_e4m3(float y, float inv_scale) {
 
 float amax_of(const float* y, int64_t n) {
   float amax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) amax = fp8::max_ignoring_nan(amax, fp8::abs_f(y[i]));
+  for (int64_t i = 0; i < n; ++i) amax = fp8::max_ignoring_nan(amax, fp8::amax_term(y[i]));
   return amax;
 }
 

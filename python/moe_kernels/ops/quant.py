@@ -16,6 +16,10 @@ fp32, the rounding to nearest even; dequantize with ``q.float() * scale``. Dynam
 computed on the device (no host sync; CUDA-graph capturable). A static scale must be positive
 (it is not checked on the device, which would need a host sync).
 
+Non-finite input: a dynamic scale takes amax over the finite values only (NaN and +-inf count as
+0), so +-inf saturates to +-448 and NaN stays NaN in its own element, without changing the scale
+of the other values. silu(-inf) = -0 (its limit) and silu(+inf) = +inf.
+
 The CUDA kernels and the CPU reference perform the same fp32 operations (silu through an
 exponential written with IEEE operations only), so they give the same bytes.
 """
