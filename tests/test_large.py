@@ -17,6 +17,7 @@ from helpers import random_topk_ids
 pytestmark = [pytest.mark.cuda, pytest.mark.large]
 
 T, K, H, E = 32768, 8, 8192, 64
+ELEMENTS = 2**31  # the size an int32 element offset cannot reach
 FP8 = torch.float8_e4m3fn
 GiB = 1 << 30
 
@@ -43,7 +44,7 @@ def sample(n, count=48):
 
 def routing():
     ids = random_topk_ids(T, K, E, device="cuda")
-    assert T * K * H >= 2**31
+    assert T * K * H >= ELEMENTS
     return ids
 
 
@@ -52,7 +53,7 @@ def test_permute_unpermute_beyond_2_31_elements():
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids = routing()
     permuted, offsets, inv, perm = moe_kernels.moe_permute(x, ids, E)
-    assert permuted.numel() >= 2**31
+    assert permuted.numel() >= ELEMENTS
     rows = sample(T * K).cuda()
     src = perm[rows].long()
     assert (src >= 0).all()
