@@ -1,10 +1,15 @@
 """Small calls of every CUDA op, for compute-sanitizer (memcheck, racecheck, synccheck).
 
-Run: compute-sanitizer --tool racecheck python3 scripts/sanitize_ops.py
-Each op runs on shapes that exercise its edge paths (tails, padding, dropped choices, T = 0).
+Run: compute-sanitizer --tool racecheck python3 scripts/sanitize_ops.py [--generated N]
+Each op runs on shapes that exercise its edge paths (tails, padding, dropped choices, T = 0), then
+on N generated cases per op family (tests/test_generated.py's strategies, a fixed seed: the same
+cases every run), each compared with the CPU reference.
 """
 
+import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -124,11 +129,37 @@ def run_gemm():
                                 torch.ones(8, 2, 1, device="cuda"))
 
 
+def run_generated(examples):
+    """The CUDA checks of tests/test_generated.py on `examples` derandomized cases per op family
+    (no shrinking: a failure reports its case and stops)."""
+    if examples <= 0:
+        return
+    try:
+        from hypothesis import HealthCheck, Phase, given, settings
+    except ImportError:
+        print("sanitize_ops: SKIPPED the generated cases: hypothesis is not installed "
+              "(stage it: shared/gpu/stage-wheels.sh hypothesis attrs sortedcontainers)")
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import test_generated
+
+    budget = settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+                      phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    for name, strategy, check in test_generated.CUDA_CHECKS:
+        budget(given(strategy)(check))()
+        print(f"sanitize_ops: {examples} generated {name} cases")
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--generated", type=int, default=4, help="generated cases per op family (0: none)")
+    cli = parser.parse_args()
     run_permute()
     run_quant()
     run_ep()
     run_routing()
     run_gemm()
+    run_generated(cli.generated)
     torch.cuda.synchronize()
     print("sanitize_ops: done")

@@ -1,3 +1,4 @@
+import os
 import zlib
 
 import pytest
@@ -6,6 +7,25 @@ import torch
 import moe_kernels  # noqa: F401  (loads the op library)
 
 HAS_CUDA = torch.cuda.is_available()
+
+# Property-based tests (tests/test_generated.py): two budgets. "ci" (no GPU: CPU references
+# against plain torch formulas) is derandomized, so that CI runs the same examples every time and
+# its time stays bounded (the generated suite takes about a minute on 2 cores). "gpu" (CUDA ops
+# against the CPU references) draws fresh examples each run, more of them. Chosen by
+# MOE_KERNELS_HYPOTHESIS_PROFILE, else by whether a GPU is present. No example database: nothing
+# is written next to the tests; a failure prints its reproduction blob instead.
+# Where hypothesis is not installed (.ci/run and the test extras install it) only
+# test_generated.py is skipped, saying so.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    settings = None
+if settings is not None:
+    _COMMON = dict(deadline=None, database=None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=50, derandomize=True, **_COMMON)
+    settings.register_profile("gpu", max_examples=150, **_COMMON)
+    settings.load_profile(os.environ.get("MOE_KERNELS_HYPOTHESIS_PROFILE", "gpu" if HAS_CUDA else "ci"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -110,11 +110,20 @@ MOE_HOST_DEVICE float exp_portable(float x) {
   return mul_rn(p, exp2_int(static_cast<int>(n)));
 }
 
-// silu(g) = g / (1 + e^-g).
-MOE_HOST_DEVICE float silu(float g) { return div_rn(g, add_rn(1.0f, exp_portable(-g))); }
+// silu(g) = g / (1 + e^-g), and its limit -0 at g = -inf (where the formula gives -inf / inf =
+// NaN): an infinite activation saturates downstream instead of turning into NaN.
+MOE_HOST_DEVICE float silu(float g) {
+  if (g == -INFINITY) return -0.0f;
+  return div_rn(g, add_rn(1.0f, exp_portable(-g)));
+}
 
 // The logistic function 1 / (1 + e^-x), from the same operations.
 MOE_HOST_DEVICE float sigmoid(float x) { return div_rn(1.0f, add_rn(1.0f, exp_portable(-x))); }
+
+// The value by which routers rank a score: NaN ranks as -inf, below every number, so that a NaN
+// expert is chosen only after every expert with a number, and then by lowest index as any tie.
+// A total order, so that "best" is defined and GPU and CPU pick the same ids on any input.
+MOE_HOST_DEVICE float selection_rank(float v) { return v == v ? v : -INFINITY; }
 
 // Number of lanes of the warp-level sums that kernels and references both follow.
 constexpr int kWarpLanes = 32;

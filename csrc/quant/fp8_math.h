@@ -9,6 +9,8 @@
 // flip roundings to e4m3 and make the CUDA op impossible to compare byte for byte.
 #pragma once
 
+#include <cfloat>
+
 #include "common/portable_math.h"
 
 namespace moe_kernels::fp8 {
@@ -44,11 +46,14 @@ MOE_HOST_DEVICE float group_scale_from_amax(float amax) {
   return div_rn(max_ignoring_nan(amax, kGroupAmaxFloor), kE4M3Max);
 }
 
-// |y| for a group's amax, 0 for +-Inf (and NaN): an infinite value would make the scale infinite,
-// every finite value of its group 0 and itself NaN; left out of amax, it saturates to +-448.
-MOE_HOST_DEVICE float finite_abs(float y) {
+// What a value contributes to a dynamic scale's amax (per tensor, token or group): |y| when
+// finite, else 0. NaN and +-inf are
+// ignored, so that one non-finite value neither poisons the scale of its row or tensor (inf / 448
+// would zero every other value and make inf * 0 = NaN) nor changes it: +-inf then saturates to
+// +-448 and NaN stays NaN, the other values keep their resolution.
+MOE_HOST_DEVICE float amax_term(float y) {
   const float a = abs_f(y);
-  return a <= 0x1.fffffep+127f ? a : 0.0f;
+  return a <= FLT_MAX ? a : 0.0f;  // false for NaN and inf
 }
 
 // Values are quantized as y * (1 / scale): one reciprocal per scale, one multiply per element (as

@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kQuantThreads) tensor_scale_kernel(QuantParams
     float y[kVec];
     p.input.load(r, v, y);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fabsf(y[j]));
+    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fp8::amax_term(y[j]));
   });
   amax = block_max(amax, warp_max);
   if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(scale), __float_as_int(fp8::scale_from_amax(amax)));
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_per_token_kernel(Quant
       p.input.load(r, v, y);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        amax = fmaxf(amax, fabsf(y[j]));
+        amax = fmaxf(amax, fp8::amax_term(y[j]));
         if constexpr (kCacheRow) cache[j * n + v] = y[j];
       }
     }

@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_per_group_kernel(Group
     for (int64_t v = sub; valid && v < p.vecs_per_group; v += p.lanes) {
       p.input.load(r, first_vec + v, y);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fp8::finite_abs(y[j]));
+      for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fp8::amax_term(y[j]));
     }
     for (int offset = p.lanes / 2; offset > 0; offset /= 2)  // stays inside the aligned lane group
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));

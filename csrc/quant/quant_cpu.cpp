@@ -19,7 +19,7 @@ c10::Float8_e4m3fn to_e4m3(float y, float inv_scale) { return saturate_to_e4m3(f
 
 float amax_of(const float* y, int64_t n) {
   float amax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) amax = fp8::max_ignoring_nan(amax, fp8::abs_f(y[i]));
+  for (int64_t i = 0; i < n; ++i) amax = fp8::max_ignoring_nan(amax, fp8::amax_term(y[i]));
   return amax;
 }
 
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_group(const at::Tensor& y, int64
     for (int64_t j = 0; j < G; ++j) {
       const float* group = y_p + r * C + j * g;
       float amax = 0.0f;
-      for (int64_t c = 0; c < g; ++c) amax = fp8::max_ignoring_nan(amax, fp8::finite_abs(group[c]));
+      for (int64_t c = 0; c < g; ++c) amax = fp8::max_ignoring_nan(amax, fp8::amax_term(group[c]));
       const float scale = fp8::group_scale_from_amax(amax);
       s_p[r * scales.stride(0) + j * scales.stride(1)] = scale;
       for (int64_t c = 0; c < g; ++c) q_p[r * C + j * g + c] = saturate_to_e4m3(fp8::div_rn(group[c], scale));

@@ -41,11 +41,10 @@ struct FusedGateParams {
 };
 
 // An unsigned key whose order is the order of the float values: two single-instruction warp
-// reductions (redux.sync, sm_80+) then find the argmax. NaN ranks below everything (it never
-// wins a comparison in the CPU reference either); -0 is made +0 so that equal values tie.
+// reductions (redux.sync, sm_80+) then find the argmax. NaN ranks as -inf (pmath::selection_rank,
+// as in the CPU reference); -0 is made +0 so that equal values tie.
 __device__ __forceinline__ unsigned order_key(float v) {
-  if (v != v) return 0u;
-  const unsigned b = __float_as_uint(__fadd_rn(v, 0.0f));
+  const unsigned b = __float_as_uint(__fadd_rn(pmath::selection_rank(v), 0.0f));
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
@@ -91,7 +90,11 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
   const T* row = p.scores + t * E;
 
   float sv[kPer];  // s of this lane's experts
-  float cv[kPer];  // choice (s + bias), -inf once picked or dropped
+  float cv[kPer];  // choice (s + bias)
+  // Bit j: expert e0 + j may still be picked (exists, not picked yet, its group kept). Kept apart
+  // from the values, so that an expert whose choice is -inf or NaN is still picked (last, by
+  // index) when fewer than topk experts have finite choices: ids stay distinct and in [0, E).
+  uint32_t open = 0;
   float row_max = kNegInf;
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
@@ -126,6 +129,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
     const int e = e0 + j;
     const bool valid = j < per && e < E;
     cv[j] = !valid ? kNegInf : p.bias ? pmath::add_rn(sv[j], to_float(p.bias[e])) : sv[j];
+    if (valid) open |= 1u << j;
   }
 
   // Group selection (skipped when every group is kept).
@@ -153,12 +157,14 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
         best = fmaxf(best, b);
       }
       const int my_group = e0 < E ? e0 / group_size : G;
-      float score = p.bias ? pmath::add_rn(best, second) : best;
-      if (my_group >= G || lane % lanes_per_group != 0) score = CUDART_NAN_F;  // one candidate per group
+      const float score = pmath::selection_rank(p.bias ? pmath::add_rn(best, second) : best);
+      // One candidate per group, its first lane; others (and kept groups) offer (-inf, G), which
+      // loses to every real group, -inf scored ones included.
+      bool candidate = my_group < G && lane % lanes_per_group == 0;
       for (int round = 0; round < p.topk_group; ++round) {
-        const int g_best = warp_argmax_index(score, my_group < G ? my_group : G);
+        const int g_best = warp_argmax_index(candidate ? score : kNegInf, candidate ? my_group : G);
         kept = kept || g_best == my_group;
-        if (g_best == my_group) score = CUDART_NAN_F;
+        if (g_best == my_group) candidate = false;
       }
     } else {
       // General grouping: choices through shared memory, each lane scores whole groups.
@@ -180,15 +186,17 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
             second = c;
           }
         }
-        group_score[g] = p.bias ? pmath::add_rn(best, second) : best;
+        // NaN (from inf - inf with an infinite bias) ranks as -inf: NaN below marks kept groups.
+        group_score[g] = pmath::selection_rank(p.bias ? pmath::add_rn(best, second) : best);
       }
       __syncwarp();
       for (int round = 0; round < p.topk_group; ++round) {
         float v = kNegInf;
         int g_best = G;
         for (int g = lane; g < G; g += 32) {  // ascending g, strictly greater: lower index wins ties
-          if (group_score[g] > v) {
-            v = group_score[g];
+          const float score = group_score[g];
+          if (!isnan(score) && (g_best == G || score > v)) {  // -inf groups are candidates too
+            v = score;
             g_best = g;
           }
         }
@@ -201,13 +209,12 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
         const int e = e0 + j;
-        if (j < per && e < E && !isnan(group_score[e / group_size])) cv[j] = kNegInf;
+        if (j < per && e < E && !isnan(group_score[e / group_size])) open &= ~(1u << j);
       }
       kept = true;  // already applied per expert
     }
     if (!kept) {
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) cv[j] = kNegInf;  // the lane's group was dropped
+      open = 0;  // the lane's group was dropped
     }
   }
 
@@ -216,13 +223,15 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
   const int width = p.topk + p.num_shared;
   float* out_w = p.topk_weights + t * width;
   int32_t* out_id = p.topk_ids + t * width;
+  // A lane with nothing open offers (-inf, E), which loses to any open expert.
   auto lane_best = [&](float& v, int& i) {
     v = kNegInf;
     i = E;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {  // ascending expert, strictly greater: lower index wins ties
-      if (cv[j] > v) {
-        v = cv[j];
+      const float c = pmath::selection_rank(cv[j]);
+      if (((open >> j) & 1u) && (i == E || c > v)) {
+        v = c;
         i = e0 + j;
       }
     }
@@ -233,8 +242,8 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
   float weight_sum = 0.f;
   for (int k = 0; k < p.topk; ++k) {
     int e_best = warp_argmax_index(my_value, my_expert);
-    // e_best < E always: the checks guarantee topk <= experts in the kept groups (only NaN scores
-    // could leave no candidate).
+    // e_best < E always: the checks guarantee topk <= experts in the kept groups, and every open
+    // expert is a candidate whatever its value. Kept as a guard against writing an id >= E.
     if (e_best >= E) e_best = 0;
     const int owner = e_best / per;
     float w_local = 0.f;
@@ -243,7 +252,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) fused_gate_kernel(FusedGatePa
       for (int j = 0; j < kPer; ++j) {
         if (e0 + j == e_best) {
           w_local = sv[j];
-          cv[j] = kNegInf;
+          open &= ~(1u << j);
         }
       }
       lane_best(my_value, my_expert);

@@ -12,12 +12,13 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Index of the largest value among those allowed; ties go to the lower index.
+// Index of the largest value among those allowed, NaN ranking as -inf (pmath::selection_rank);
+// ties go to the lower index. Every allowed index is a candidate, -inf and NaN ones included.
 int argmax(const std::vector<float>& v, const std::vector<bool>& allowed) {
   int best = -1;
   for (int i = 0; i < static_cast<int>(v.size()); ++i) {
     if (!allowed[i]) continue;
-    if (best < 0 || v[i] > v[best]) best = i;
+    if (best < 0 || pmath::selection_rank(v[i]) > pmath::selection_rank(v[best])) best = i;
   }
   return best;
 }

@@ -24,6 +24,10 @@ scale ``max(amax, 1e-10) / 448`` (vLLM's and SGLang's formula, floor included) a
 An infinite value does not enter its group's amax (it would make the scale infinite, the rest of
 the group 0 and itself NaN): it saturates to +-448. NaN stays NaN.
 
+Non-finite input: a dynamic scale takes amax over the finite values only (NaN and +-inf count as
+0), so +-inf saturates to +-448 and NaN stays NaN in its own element, without changing the scale
+of the other values. silu(-inf) = -0 (its limit) and silu(+inf) = +inf.
+
 The CUDA kernels and the CPU reference perform the same fp32 operations (silu through an
 exponential written with IEEE operations only), so they give the same bytes.
 """

@@ -30,6 +30,12 @@ def moe_fused_gate(
     renormalized to sum 1 if asked, times routed_scaling_factor if
     apply_routed_scaling_factor_on_output. Ties go to the lower index (GPU and CPU alike).
 
+    Non-finite scores: NaN ranks as -inf in every selection, so the ids are always topk distinct
+    experts in [0, E): those with numbers first by value, then the others by lowest index (groups
+    likewise). Sigmoid maps +-inf to 1 and 0. A softmax row with a NaN or +inf score is NaN
+    throughout (as torch.softmax), so that token gets the lowest ids of its kept groups; a token
+    whose chosen s is NaN gets NaN weights. Other tokens are unaffected.
+
     Fused shared experts: num_fused_shared_experts slots follow, with ids E, E+1, ... and the weight
     that makes the fused layer equal rsf * sum(routed) + shared: 1 when the scaling is applied here,
     1/rsf when the caller scales the whole output by rsf. They take no part in renormalization.
