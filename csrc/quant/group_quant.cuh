@@ -10,7 +10,7 @@
 // Groups longer than 32 vectors are walked twice by their 32 lanes (amax, then quantize: the
 // second load is an L1/L2 hit). Groups are numbered across rows, so short rows leave no warp idle.
 //
-// Arithmetic: fp8_math.h (group_scale_from_amax, finite_abs), shared with the CPU reference.
+// Arithmetic: fp8_math.h (group_scale_from_amax, amax_term), shared with the CPU reference.
 #pragma once
 
 #include <cstdint>
