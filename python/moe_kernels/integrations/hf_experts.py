@@ -144,7 +144,7 @@ def moe_kernels_experts_forward(module: torch.nn.Module, hidden_states: Tensor, 
     w_up, b_up = up_weights(module, layout)
     x = hidden_states.to(w_up.dtype).contiguous()
     num_experts, expert_map, num_local = routing_space(module, layout, x.device)
-    permuted, offsets, inv_idx, _ = moe_permute(x, top_k_index, num_experts, expert_map, num_local)
+    permuted, offsets, inv_idx, _ = moe_permute(x, top_k_index.contiguous(), num_experts, expert_map, num_local)
     h = grouped_linear(permuted, w_up, offsets, layout.is_transposed, b_up)
     h = gate(module, h) if layout.has_gate else module.act_fn(h)
     b_down = module.down_proj_bias if layout.has_bias else None

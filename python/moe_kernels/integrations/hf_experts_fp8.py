@@ -5,6 +5,7 @@ fused activation computes silu(gate) * up on the two halves of GEMM1's output: e
 other gate are rejected with an error naming what the module declares.
 """
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -56,15 +57,15 @@ def require_silu_gated(module: torch.nn.Module, layout: ExpertsLayout, implement
     if not layout.has_gate:
         raise ValueError(f"{prefix} has no gate (has_gate=False, act(up) only); only silu(gate) * up "
                          f"experts are supported; {fix}")
+    reason = _custom_gate_reason(module)  # first: a gate of its own may not use act_fn at all
+    if reason is not None:
+        raise ValueError(f"{prefix} uses {reason}; only silu(gate) * up is supported; {fix}")
     act = getattr(module, "act_fn", None)
     if not _is_silu(act):
         hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
         declared = f" (config.hidden_act={hidden_act!r})" if hidden_act is not None else ""
         raise ValueError(f"{prefix} uses the activation {type(act).__name__}{declared}; only SiLU-gated "
                          f"experts (silu(gate) * up) are supported; {fix}")
-    reason = _custom_gate_reason(module)
-    if reason is not None:
-        raise ValueError(f"{prefix} uses {reason}; only silu(gate) * up is supported; {fix}")
     if not layout.is_concatenated:
         raise ValueError(f"{prefix} stores gate and up interleaved (is_concatenated=False); only the "
                          f"concatenated [gate; up] layout is supported; {fix}")
@@ -89,10 +90,30 @@ def _quantize_rows(w: Tensor) -> Tuple[Tensor, Tensor]:
     return q.view(E, N, K), scale.view(E, N)
 
 
-def _weights_key(*weights: Tensor) -> tuple:
-    # data_ptr changes when a parameter is replaced or moved, _version on any in-place write
-    # (load_state_dict, optimizer steps, .copy_): either makes the cached copy stale.
-    return tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape)) for w in weights)
+class _Stamp:
+    """What identifies the contents of some tensors without reading them: the tensor objects
+    (held weakly: a replaced parameter is a new object, even at a reused address), their storage
+    (``.data =`` assignments, moves) and their version counters (every in-place write:
+    load_state_dict, optimizer steps, ``.copy_``)."""
+
+    def __init__(self, *tensors: Tensor):
+        self._refs = [weakref.ref(t) for t in tensors]
+        self._key = [(t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors]
+
+    def matches(self, *tensors: Tensor) -> bool:
+        return (len(tensors) == len(self._refs) and all(r() is t for r, t in zip(self._refs, tensors))
+                and self._key == [(t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors])
+
+
+def _cached(module: torch.nn.Module, kind: str, tensors: Tuple[Tensor, ...], make):
+    """make() cached on the module under kind until the tensors change (see _Stamp). A plain
+    attribute, not a buffer: it is derived data, never saved with the model."""
+    cache = module.__dict__.setdefault(_CACHE_ATTR, {})
+    entry = cache.get(kind)
+    if entry is None or not entry[0].matches(*tensors):
+        entry = (_Stamp(*tensors), make())
+        cache[kind] = entry
+    return entry[1]
 
 
 @torch.compiler.disable  # reads data pointers and versions: runs eagerly, outside any graph
@@ -100,17 +121,15 @@ def per_channel_fp8_weights(module: torch.nn.Module, layout: ExpertsLayout):
     """((w1 e4m3 [E, 2I, H], w1_scale [E, 2I]), (w2 e4m3 [E, H, I], w2_scale [E, H])) of the
     module's weights, quantized on first use and cached on the module until the weights change."""
     w_up, w_down = module.gate_up_proj, module.down_proj
-    key = ("per_channel", layout.is_transposed) + _weights_key(w_up, w_down)
-    cached = getattr(module, _CACHE_ATTR, None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    with torch.no_grad():
-        w1, w2 = w_up.detach(), w_down.detach()
-        if layout.is_transposed:  # stored [E, H, 2I] / [E, I, H]: the layer wants [E, N, K]
-            w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
-        weights = (_quantize_rows(w1), _quantize_rows(w2))
-    setattr(module, _CACHE_ATTR, (key, weights))
-    return weights
+
+    def quantize():
+        with torch.no_grad():
+            w1, w2 = w_up.detach(), w_down.detach()
+            if layout.is_transposed:  # stored [E, H, 2I] / [E, I, H]: the layer wants [E, N, K]
+                w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+            return _quantize_rows(w1), _quantize_rows(w2)
+
+    return _cached(module, f"per_channel_transposed={layout.is_transposed}", (w_up, w_down), quantize)
 
 
 def moe_kernels_fp8_experts_forward(module: torch.nn.Module, hidden_states: Tensor, top_k_index: Tensor,
@@ -123,7 +142,7 @@ def moe_kernels_fp8_experts_forward(module: torch.nn.Module, hidden_states: Tens
     (w1, w1_scale), (w2, w2_scale) = per_channel_fp8_weights(module, layout)
     x = _activation_input(hidden_states)
     _, expert_map, num_local = routing_space(module, layout, x.device)
-    out = cutlass_moe_fp8(x, w1, w2, top_k_weights.float().contiguous(), top_k_index, w1_scale, w2_scale,
+    out = cutlass_moe_fp8(x, w1, w2, top_k_weights.float().contiguous(), top_k_index.contiguous(), w1_scale, w2_scale,
                           per_act_token=True, per_out_ch=True, expert_map=expert_map, num_local_experts=num_local)
     return out.to(hidden_states.dtype)
 
@@ -178,12 +197,7 @@ def float32_block_scales(module: torch.nn.Module) -> Tuple[Tensor, Tensor]:
     s1, s2 = module.gate_up_proj_scale_inv, module.down_proj_scale_inv
     if s1.dtype == torch.float32 and s2.dtype == torch.float32:
         return s1, s2
-    key = ("block_scales",) + _weights_key(s1, s2)
-    cached = getattr(module, _CACHE_ATTR, None)
-    if cached is None or cached[0] != key:
-        cached = (key, (s1.detach().float(), s2.detach().float()))
-        setattr(module, _CACHE_ATTR, cached)
-    return cached[1]
+    return _cached(module, "block_scales_float32", (s1, s2), lambda: (s1.detach().float(), s2.detach().float()))
 
 
 def moe_kernels_fp8_block_experts_forward(module: torch.nn.Module, hidden_states: Tensor, top_k_index: Tensor,
@@ -203,5 +217,5 @@ def moe_kernels_fp8_block_experts_forward(module: torch.nn.Module, hidden_states
     x = _activation_input(hidden_states)
     _, expert_map, num_local = routing_space(module, layout, x.device)
     out = cutlass_moe_fp8(x, module.gate_up_proj, module.down_proj, top_k_weights.float().contiguous(),
-                          top_k_index, w1_scale, w2_scale, expert_map=expert_map, num_local_experts=num_local)
+                          top_k_index.contiguous(), w1_scale, w2_scale, expert_map=expert_map, num_local_experts=num_local)
     return out.to(hidden_states.dtype)
