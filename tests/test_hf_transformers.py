@@ -311,6 +311,7 @@ def test_expert_parallel_sentinels_are_dropped():
 
 
 def _quantize_per_channel(w):
+    w = w.float()
     scale = w.abs().amax(dim=2).clamp(min=1e-12) / 448.0
     return (w / scale[:, :, None]).to(torch.float8_e4m3fn).double() * scale[:, :, None].double()
 
@@ -511,19 +512,25 @@ def test_example_runs_on_cpu():
 # ------------------------------------------------------------------------------------------ GPU
 
 # bf16 against eager bf16: both round every GEMM output to bf16 (eager also its index_add_ sums,
-# we accumulate the combine in fp32): ~1 bf16 ulp (4e-3) per layer, 2e-2 over two layers and the
-# head.
+# we accumulate the combine in fp32): measured 0.4-1% on the logits of these models (CPU, bf16,
+# 3 seeds); 2e-2 leaves twice that.
 BF16_TOL = 2e-2
+# bf16 noise moves router inputs, and a near-tied top-k choice can then flip (an O(1) change of
+# that token's output, nothing to do with the experts' arithmetic). Two ways to compare without
+# that risk: the MoE layer last and alone (its router sees the same inputs in both runs), or every
+# expert chosen (K = E: the routing weights are continuous in the inputs).
+EVERY_EXPERT = {"qwen3_moe": {"num_experts_per_tok": 8}, "mixtral": {"num_experts_per_tok": 4},
+                "deepseek_v3": {"num_experts_per_tok": 8, "topk_group": 2}}
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("routing", ["one_moe_layer", "every_expert"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_cuda_bf16_logits_match_eager(arch):
-    model = make_model(arch, dtype=torch.bfloat16, device="cuda")
+def test_cuda_bf16_logits_match_eager(arch, routing):
+    config = ONE_MOE_LAYER[arch] if routing == "one_moe_layer" else EVERY_EXPERT[arch]
+    model = make_model(arch, dtype=torch.bfloat16, device="cuda", **config)
     ids = tokens(device="cuda")
-    want = logits(model, "eager", ids)
-    assert rel_error(logits(model, "moe_kernels", ids), want) < BF16_TOL
-    assert rel_error(logits(model, "grouped_mm", ids), want) < BF16_TOL  # HF's own, for scale
+    assert rel_error(logits(model, "moe_kernels", ids), logits(model, "eager", ids)) < BF16_TOL
 
 
 @pytest.mark.cuda
@@ -560,7 +567,7 @@ def test_cuda_bf16_layouts_match_eager(layout):
 
 @pytest.mark.cuda
 def test_cuda_bf16_decode_token():
-    model = make_model("qwen3_moe", dtype=torch.bfloat16, device="cuda")
+    model = make_model("qwen3_moe", dtype=torch.bfloat16, device="cuda", **ONE_MOE_LAYER["qwen3_moe"])
     ids = tokens(batch=1, length=1, device="cuda")
     assert rel_error(logits(model, "moe_kernels", ids), logits(model, "eager", ids)) < BF16_TOL
 
@@ -597,7 +604,8 @@ def test_cuda_experts_forward_compiles_without_graph_breaks():
 
 @pytest.mark.cuda
 def test_cuda_compiled_model_matches_eager_mode():
-    model = make_model("qwen3_moe", dtype=torch.bfloat16, device="cuda")
+    # Every expert chosen: the compiled dense layers round differently in bf16 (see EVERY_EXPERT).
+    model = make_model("qwen3_moe", dtype=torch.bfloat16, device="cuda", **EVERY_EXPERT["qwen3_moe"])
     ids = tokens(device="cuda")
     want = logits(model, "moe_kernels", ids)
     torch._dynamo.reset()

@@ -17,8 +17,7 @@ Everything a module declares is honoured: the GEMMs follow the layout, the bias 
 expert, and the gate / activation are the module's own functions, so any activation works.
 """
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +26,9 @@ from torch import Tensor
 from ..ops.permute import moe_permute, moe_unpermute
 
 
-@dataclass(frozen=True)
-class ExpertsLayout:
-    """What an HF experts module declares about its weights (defaults: HF's defaults)."""
+class ExpertsLayout(NamedTuple):
+    """What an HF experts module declares about its weights (defaults: HF's defaults). A
+    NamedTuple: torch.compile traces its construction without a graph break."""
 
     has_gate: bool = True
     has_bias: bool = False
