@@ -84,7 +84,8 @@ def randomize(model: nn.Module) -> nn.Module:
 
 def make_model(arch, dtype=torch.float32, device="cpu", **config):
     config_class, arguments = ARCHS[arch]
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**{**arguments, **config}))
+    config = getattr(transformers, config_class)(**{**arguments, **config})
+    model = transformers.AutoModelForCausalLM.from_config(config)
     return randomize(model).to(device=device, dtype=dtype).eval()
 
 

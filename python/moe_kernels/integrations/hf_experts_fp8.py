@@ -217,5 +217,6 @@ def moe_kernels_fp8_block_experts_forward(module: torch.nn.Module, hidden_states
     x = _activation_input(hidden_states)
     _, expert_map, num_local = routing_space(module, layout, x.device)
     out = cutlass_moe_fp8(x, module.gate_up_proj, module.down_proj, top_k_weights.float().contiguous(),
-                          top_k_index.contiguous(), w1_scale, w2_scale, expert_map=expert_map, num_local_experts=num_local)
+                          top_k_index.contiguous(), w1_scale, w2_scale, expert_map=expert_map,
+                          num_local_experts=num_local)
     return out.to(hidden_states.dtype)
