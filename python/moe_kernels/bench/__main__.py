@@ -1,5 +1,5 @@
-"""python -m moe_kernels.bench [--ops permute,routing,ep,quant,gemm,layer] [--models mixtral,qwen3,deepseek-v3]
-[--quick] [--T 16,1024,4096] [--json FILE] [--plot FILE.png] [--out DIR]
+"""python -m moe_kernels.bench [--ops permute,routing,ep,quant,gemm,gemm_block,layer,hf]
+[--models mixtral,qwen3,deepseek-v3] [--quick] [--T 16,1024,4096] [--json FILE] [--plot FILE.png] [--out DIR]
 
 Times each op on the MoE shapes of real models against its peers in the same run (the plain torch
 formulas, torch._grouped_mm / torch._scaled_grouped_mm, Hugging Face transformers' experts when
