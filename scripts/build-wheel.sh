@@ -36,7 +36,7 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$PYTHON" -m pip wheel --no-build-isolation --no-deps -w "$work/built" .
+"$PYTHON" -m pip wheel --no-build-isolation --no-deps -v -w "$work/built" .  # -v: the compile log
 built=$(ls "$work"/built/moe_kernels-*.whl)
 "$PYTHON" -m wheel unpack -d "$work/unpacked" "$built"
 tree=$(ls -d "$work"/unpacked/moe_kernels-*)
