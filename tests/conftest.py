@@ -1,12 +1,26 @@
 import os
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
-import moe_kernels  # noqa: F401  (loads the op library)
+import moe_kernels  # loads the op library
 
 HAS_CUDA = torch.cuda.is_available()
+SOURCE_PACKAGE = Path(__file__).resolve().parent.parent / "python" / "moe_kernels"
+
+
+def pytest_report_header(config):
+    return f"moe_kernels: {Path(moe_kernels.__file__).resolve().parent}"
+
+
+def pytest_configure(config):
+    # CI sets MOE_KERNELS_TEST_INSTALLED=1 to test the installed wheel: the source tree's copy
+    # (through PYTHONPATH) would hide packaging bugs.
+    if os.environ.get("MOE_KERNELS_TEST_INSTALLED") and Path(moe_kernels.__file__).resolve().parent == SOURCE_PACKAGE:
+        raise pytest.UsageError(f"MOE_KERNELS_TEST_INSTALLED is set but moe_kernels was imported from the "
+                                f"source tree ({SOURCE_PACKAGE}), not from an installed package")
 
 # Property-based tests (tests/test_generated.py): two budgets. "ci" (no GPU: CPU references
 # against plain torch formulas) is derandomized, so that CI runs the same examples every time and
