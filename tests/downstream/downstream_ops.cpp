@@ -12,10 +12,12 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& scores, const std::op
   return moe_kernels::moe_fused_gate(scores, bias, num_expert_group, topk_group, topk);
 }
 
-// Token rows grouped by expert; expert_map and alignment left at the header's defaults.
+// Token rows grouped by expert; expert_map, alignment and scales left at the header's defaults
+// (without scales, the fifth output, permuted_scales, is empty and dropped here).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& hidden_states,
                                                                    const at::Tensor& topk_ids, int64_t num_experts) {
-  return moe_kernels::moe_permute(hidden_states, topk_ids, num_experts);
+  auto [permuted, offsets, inv, perm, scales] = moe_kernels::moe_permute(hidden_states, topk_ids, num_experts);
+  return {permuted, offsets, inv, perm};
 }
 
 }  // namespace
