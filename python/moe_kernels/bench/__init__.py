@@ -15,6 +15,7 @@ OPS = {  # name on the command line: module
     "gemm": "moe_kernels.bench.gemm",
     "gemm_block": "moe_kernels.bench.gemm_block",
     "layer": "moe_kernels.bench.layer",
+    "layer_block": "moe_kernels.bench.layer_block",
     "hf": "moe_kernels.bench.hf",
 }
 
