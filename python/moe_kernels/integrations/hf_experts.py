@@ -139,6 +139,8 @@ def moe_kernels_experts_forward(module: torch.nn.Module, hidden_states: Tensor, 
     Returns:
         [T, H] in hidden_states' dtype.
     """
+    if hidden_states.shape[0] == 0:  # no rows for the grouped GEMM (its empty case is not specified)
+        return hidden_states.new_zeros(hidden_states.shape)
     layout = ExpertsLayout.of(module)
     w_up, b_up = up_weights(module, layout)
     x = hidden_states.to(w_up.dtype).contiguous()
