@@ -28,6 +28,7 @@ from helpers import poison_cuda_allocator
 from test_cutlass_moe import quantize_per_channel, reference as layer_reference
 from test_ep import formula_post, formula_pre, written_rows
 from test_gemm import formula as gemm_formula
+from test_gemm_block import BLOCK, formula as block_formula, make_problem as make_block_problem
 from test_permute import check_permuted_rows, formula_sort, formula_unpermute
 from test_quant import E4M3_MAX, assert_within_half_ulp, formula_quant, formula_scale, formula_silu_and_mul
 
@@ -128,6 +129,15 @@ def test_permute_generated_cpu_matches_formula(case):
         out = moe_kernels.moe_unpermute(permuted, w, inv)
         tol = SUM_TOL[dtype]
         torch.testing.assert_close(out.double(), formula_unpermute(permuted, w, inv), rtol=tol, atol=tol)
+    # The grouped GEMMs' shapes from these offsets (n = 3H, k = H), plain and swapped.
+    m = offsets.diff().int()
+    for swap in (False, True):
+        ps1, ps2 = moe_kernels.compute_problem_sizes(offsets, 3 * H, H, swap)
+        g1 = torch.stack([m, torch.full_like(m, 6 * H), torch.full_like(m, H)], dim=1)
+        g2 = torch.stack([m, torch.full_like(m, H), torch.full_like(m, 3 * H)], dim=1)
+        if swap:
+            g1, g2 = g1[:, [1, 0, 2]], g2[:, [1, 0, 2]]
+        assert torch.equal(ps1, g1) and torch.equal(ps2, g2)
 
 
 def check_permute_cuda_matches_cpu(case):
@@ -141,6 +151,10 @@ def check_permute_cuda_matches_cpu(case):
         assert torch.equal(a.cpu(), b), name
     used = int(want[1][-1])
     assert same_bytes(got[0][:used], want[0][:used])  # rows past `used` are unspecified
+    for swap in (False, True):
+        sizes = moe_kernels.compute_problem_sizes(got[1], 3 * H, H, swap)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(sizes, moe_kernels.compute_problem_sizes(want[1], 3 * H, H,
+                                                                                                      swap)))
     if dtype != FP8:
         permuted = got[0].clone()
         permuted[used:] = 0  # unused rows are never read; keep the inputs of both sides equal
@@ -447,6 +461,45 @@ def test_gemm_generated_cuda_matches_cpu(case):
     check_gemm_cuda_matches_cpu(case)
 
 
+# ---------------------------------------------------------------- FP8 grouped GEMM, block-scaled mode
+
+@st.composite
+def block_gemm_cases(draw):
+    E = draw(st.integers(1, 4))
+    counts = draw(st.lists(st.sampled_from([0, 0, 1, 3, 16, 65, 130]), min_size=E, max_size=E))
+    N = BLOCK * draw(st.integers(1, 2))
+    K = BLOCK * draw(st.integers(1, 3))
+    seed = draw(SEEDS)
+    return counts, N, K, seed
+
+
+def make_block_inputs(counts, N, K, seed):
+    torch.manual_seed(seed)  # make_problem draws from the global generator
+    return make_block_problem(counts, N, K)
+
+
+@given(block_gemm_cases())
+def test_block_gemm_generated_cpu_matches_formula(case):
+    a, b, a_s, b_s, off = make_block_inputs(*case)
+    out = moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, off)
+    torch.testing.assert_close(out.double(), block_formula(a, b, a_s, b_s, off), rtol=8e-3, atol=2e-2)
+
+
+def check_block_gemm_cuda_matches_cpu(case):
+    a, b, a_s, b_s, off = make_block_inputs(*case)
+    want = moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, off)
+    poison_cuda_allocator(0xFF)
+    out = moe_kernels.cutlass_grouped_gemm_fp8(*to_cuda(a, b, a_s, b_s, off)).cpu()
+    assert not out.isnan().any()
+    assert rel_error(out, want) < 5e-3  # as tests/test_gemm_block.py
+
+
+@pytest.mark.cuda
+@given(block_gemm_cases())
+def test_block_gemm_generated_cuda_matches_cpu(case):
+    check_block_gemm_cuda_matches_cpu(case)
+
+
 # ---------------------------------------------------------------- cutlass_moe_fp8 (the layer)
 
 @st.composite
@@ -529,5 +582,6 @@ CUDA_CHECKS = [
     ("quant", quant_cases(), check_quant_cuda_matches_cpu),
     ("gate", gate_cases(max_experts=1024), check_gate_cuda_matches_cpu),
     ("gemm", gemm_cases(), check_gemm_cuda_matches_cpu),
+    ("block_gemm", block_gemm_cases(), check_block_gemm_cuda_matches_cpu),
     ("layer", layer_cases(), check_layer_cuda_matches_cpu),
 ]
