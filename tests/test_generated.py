@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) of every op: random shapes (T = 0 and 1 included, odd H),
 dtypes, id types, expert maps with holes, alignment, skewed routing (every token on the same
-experts), shared-expert slots, expert ranges, scale modes.
+experts), row scales moved by moe_permute, shared-expert slots, expert ranges, scale modes
+(static, dynamic per tensor / token / group), block-scaled GEMM and layer, pre-quantized input.
 
 Without a GPU (CI) each op's CPU implementation, the reference, is held to a plain torch formula;
 with a GPU the CUDA op is held to the CPU op on the same inputs (integer outputs exactly, values
@@ -29,8 +30,10 @@ from test_cutlass_moe import quantize_per_channel, reference as layer_reference
 from test_ep import formula_post, formula_pre, written_rows
 from test_gemm import formula as gemm_formula
 from test_gemm_block import BLOCK, formula as block_formula, make_problem as make_block_problem
+from test_cutlass_moe_block import TOL as BLOCK_LAYER_TOL, emulate_block_layer, quantize_blockwise
 from test_permute import check_permuted_rows, formula_sort, formula_unpermute
-from test_quant import E4M3_MAX, assert_within_half_ulp, formula_quant, formula_scale, formula_silu_and_mul
+from test_quant import (E4M3_MAX, assert_within_half_ulp, formula_group_quant, formula_group_scales, formula_quant,
+                        formula_scale, formula_silu_and_mul)
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32]
 # fp32 accumulation, one rounding to the output dtype (as the hand-written formula tests).
@@ -99,11 +102,13 @@ def permute_cases(draw, big_tokens=False):
     H = draw(st.integers(1, 80))
     dtype = draw(st.sampled_from(FLOATS + [FP8]))
     weights_fp32 = draw(st.booleans())
+    # Row scales moved with the rows: none, per token [T] or [T, 1], or per group [T, G].
+    scales = draw(st.sampled_from([None, "token", "token_2d", 1, 3, 4]))
     seed = draw(SEEDS)
-    return T, K, E, mode, id_dtype, local, align, H, dtype, weights_fp32, seed
+    return T, K, E, mode, id_dtype, local, align, H, dtype, weights_fp32, scales, seed
 
 
-def make_permute_inputs(T, K, E, mode, id_dtype, local, align, H, dtype, weights_fp32, seed):
+def make_permute_inputs(T, K, E, mode, id_dtype, local, align, H, dtype, weights_fp32, scales, seed):
     g = generator(seed)
     ids = make_ids(g, T, K, E, mode, id_dtype)
     emap = make_expert_map(g, E, local) if local is not None else None
@@ -111,15 +116,35 @@ def make_permute_inputs(T, K, E, mode, id_dtype, local, align, H, dtype, weights
     w = torch.rand(T, K, generator=g)
     if not weights_fp32 and dtype != FP8:
         w = w.to(dtype)
-    return x, ids, emap, w
+    s = None
+    if scales is not None:
+        s = torch.rand(T, 1 if isinstance(scales, str) else scales, generator=g) + 0.01
+        if scales == "token":
+            s = s.reshape(T)
+    return x, ids, emap, w, s
+
+
+def check_permuted_scales(permuted_scales, scales, offsets, perm, K):
+    """Every used row holds its source token's scales; padding rows hold zeros."""
+    used = int(offsets[-1])
+    src = perm[:used].long().cpu()
+    got = permuted_scales[:used].cpu()
+    real = src >= 0
+    per_row = scales.reshape(scales.shape[0], 1 if scales.dim() == 1 else scales.shape[1])
+    assert torch.equal(got[real], per_row[src[real] // K])
+    assert (got[~real] == 0).all()
 
 
 @given(permute_cases())
 def test_permute_generated_cpu_matches_formula(case):
-    T, K, E, mode, id_dtype, local, align, H, dtype, weights_fp32, seed = case
-    x, ids, emap, w = make_permute_inputs(*case)
+    T, K, E, mode, id_dtype, local, align, H, dtype, weights_fp32, scales, seed = case
+    x, ids, emap, w, s = make_permute_inputs(*case)
     E_local = local if local is not None else -1
-    permuted, offsets, inv, perm = moe_kernels.moe_permute(x, ids, E, emap, E_local, align)
+    out = moe_kernels.moe_permute(x, ids, E, emap, E_local, align, s)
+    permuted, offsets, inv, perm = out[:4]
+    if s is not None:
+        assert out[4].shape == (permuted.shape[0], 1 if s.dim() == 1 else s.shape[1])
+        check_permuted_scales(out[4], s, offsets, perm, K)
     want_off, want_inv, want_perm = formula_sort(ids, E, emap, local, align)
     assert torch.equal(offsets, want_off) and torch.equal(inv, want_inv) and torch.equal(perm, want_perm)
     assert permuted.shape == (permuted_rows(T, K, local or E, align), H)
@@ -141,16 +166,18 @@ def test_permute_generated_cpu_matches_formula(case):
 
 
 def check_permute_cuda_matches_cpu(case):
-    T, K, E, mode, id_dtype, local, align, H, dtype, weights_fp32, seed = case
-    x, ids, emap, w = make_permute_inputs(*case)
+    T, K, E, mode, id_dtype, local, align, H, dtype, weights_fp32, scales, seed = case
+    x, ids, emap, w, s = make_permute_inputs(*case)
     E_local = local if local is not None else -1
-    want = moe_kernels.moe_permute(x, ids, E, emap, E_local, align)
+    want = moe_kernels.moe_permute(x, ids, E, emap, E_local, align, s)
     poison_cuda_allocator(0xFF)
-    got = moe_kernels.moe_permute(*to_cuda(x, ids, E, emap, E_local, align))
-    for name, a, b in zip(["expert_offsets", "inv_permuted_idx", "permuted_idx"], got[1:], want[1:]):
+    got = moe_kernels.moe_permute(*to_cuda(x, ids, E, emap, E_local, align, s))
+    for name, a, b in zip(["expert_offsets", "inv_permuted_idx", "permuted_idx"], got[1:4], want[1:4]):
         assert torch.equal(a.cpu(), b), name
     used = int(want[1][-1])
     assert same_bytes(got[0][:used], want[0][:used])  # rows past `used` are unspecified
+    if s is not None:
+        assert torch.equal(got[4][:used].cpu(), want[4][:used])
     for swap in (False, True):
         sizes = moe_kernels.compute_problem_sizes(got[1], 3 * H, H, swap)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(sizes, moe_kernels.compute_problem_sizes(want[1], 3 * H, H,
@@ -257,16 +284,22 @@ def test_ep_generated_cuda_matches_cpu(case):
 
 @st.composite
 def quant_cases(draw):
-    op = draw(st.sampled_from(["scaled_fp8_quant", "silu_and_mul_quant_fp8"]))
+    op = draw(st.sampled_from(["scaled_fp8_quant", "silu_and_mul_quant_fp8", "per_token_group_quant_fp8"]))
     M = draw(st.integers(0, 40))
-    C = draw(st.one_of(st.integers(0, 80), st.integers(1000, 1100)))  # odd C: the scalar path
     dtype = draw(st.sampled_from(FLOATS))
-    mode = draw(st.sampled_from(["static", "per_tensor", "per_token"]))
+    if op == "per_token_group_quant_fp8" or (op == "silu_and_mul_quant_fp8" and draw(st.booleans())):
+        mode = "group_col" if op == "per_token_group_quant_fp8" and draw(st.booleans()) else "group"
+        group = draw(st.sampled_from([1, 7, 16, 64, 128]))
+        C = group * draw(st.integers(0, 6))
+    else:
+        mode = draw(st.sampled_from(["static", "per_tensor", "per_token"]))
+        group = 0
+        C = draw(st.one_of(st.integers(0, 80), st.integers(1000, 1100)))  # odd C: the scalar path
     seed = draw(SEEDS)
-    return op, M, C, dtype, mode, seed
+    return op, M, C, dtype, mode, group, seed
 
 
-def make_quant_inputs(op, M, C, dtype, mode, seed):
+def make_quant_inputs(op, M, C, dtype, mode, group, seed):
     g = generator(seed)
     cols = 2 * C if op == "silu_and_mul_quant_fp8" else C
     x = (randn(g, M, cols) * torch.pow(10.0, torch.rand(M, 1, generator=g) * 4 - 2)).to(dtype)
@@ -276,32 +309,46 @@ def make_quant_inputs(op, M, C, dtype, mode, seed):
     return x, y, static.float()
 
 
-def run_quant(op, x, mode, static):
+def run_quant(op, x, mode, group, static):
     fn = getattr(moe_kernels, op)
+    if op == "per_token_group_quant_fp8":
+        return fn(x, group, mode == "group_col")
+    if group:
+        return fn(x, None, False, group)
     return fn(x, static, False) if mode == "static" else fn(x, None, mode == "per_token")
 
 
 @given(quant_cases())
 def test_quant_generated_cpu_matches_formula(case):
-    op, M, C, dtype, mode, seed = case
+    op, M, C, dtype, mode, group, seed = case
     x, y, static = make_quant_inputs(*case)
-    q, scale = run_quant(op, x, mode, static)
+    q, scale = run_quant(op, x, mode, group, static)
     assert q.shape == (M, C) and q.dtype == FP8
-    want_scale = static if mode == "static" else formula_scale(y, mode == "per_token")
-    if op == "scaled_fp8_quant":  # the same fp32 operations: equal bits
+    if group:
+        want_scale = formula_group_scales(y, group)
+        assert scale.shape == want_scale.shape
+        if mode == "group_col" and M > 1 and C // group > 1:
+            assert scale.stride() == (1, M)
+    else:
+        want_scale = static if mode == "static" else formula_scale(y, mode == "per_token")
+    if op != "silu_and_mul_quant_fp8":  # the same fp32 operations: equal bits
         assert torch.equal(scale, want_scale)
-        assert same_bytes(q, formula_quant(y, want_scale))
+        want_q = formula_group_quant(y, want_scale, group) if group else formula_quant(y, want_scale)
+        assert same_bytes(q, want_q)
     else:  # torch's silu differs in the last fp32 bits: the scale within 1e-6, q within half a step
         torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
-        assert_within_half_ulp(q, y.double() / scale.double())
+        per_value = scale.repeat_interleave(group, dim=1) if group else scale
+        assert_within_half_ulp(q, y.double() / per_value.double())
 
 
 def check_quant_cuda_matches_cpu(case):
-    op, M, C, dtype, mode, seed = case
+    op, M, C, dtype, mode, group, seed = case
     x, y, static = make_quant_inputs(*case)
-    want_q, want_scale = run_quant(op, x, mode, static)
+    want_q, want_scale = run_quant(op, x, mode, group, static)
     poison_cuda_allocator(0xFF)
-    q, scale = run_quant(op, x.cuda(), mode, static.cuda())
+    q, scale = run_quant(op, x.cuda(), mode, group, static.cuda())
+    if mode == "group_col" and M > 1 and C // group > 1:
+        assert scale.stride() == (1, M)  # column-major, as asked
     assert torch.equal(scale.cpu(), want_scale)
     assert same_bytes(q, want_q)
 
@@ -575,6 +622,71 @@ def test_layer_generated_cuda_matches_cpu(case):
     check_layer_cuda_matches_cpu(case)
 
 
+# ---------------------------------------------------------------- cutlass_moe_fp8, block mode
+
+@st.composite
+def block_layer_cases(draw):
+    T, K, E, mode, id_dtype = draw(routings(max_tokens=24, max_experts=6, max_topk=3))
+    H = BLOCK * draw(st.integers(1, 2))
+    I = BLOCK * draw(st.integers(1, 2))
+    local = draw(st.one_of(st.none(), st.integers(1, E)))
+    prequantized = draw(st.booleans())  # fp8 input with its [T, H/128] scales
+    seed = draw(SEEDS)
+    return T, K, E, mode, id_dtype, H, I, local, prequantized, seed
+
+
+def make_block_layer_inputs(T, K, E, mode, id_dtype, H, I, local, prequantized, seed):
+    g = generator(seed)
+    ids = make_ids(g, T, K, E, mode, id_dtype)
+    E_local = E if local is None else local
+    w1, w1_s = quantize_blockwise(randn(g, E_local, 2 * I, H) / H**0.5)
+    w2, w2_s = quantize_blockwise(randn(g, E_local, H, I) / I**0.5)
+    x = randn(g, T, H).to(torch.bfloat16)
+    w = torch.softmax(randn(g, T, K), dim=-1)
+    emap = make_expert_map(g, E, local) if local is not None else None
+    a1 = None
+    if prequantized:
+        x, a1 = moe_kernels.per_token_group_quant_fp8(x, BLOCK)
+    return x, w1, w2, w, ids, w1_s, w2_s, a1, emap
+
+
+def run_block_layer(args, local):
+    x, w1, w2, w, ids, w1_s, w2_s, a1, emap = args
+    return moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, w1_s, w2_s, a1, None, False, False, emap,
+                                       local if local is not None else -1)
+
+
+@given(block_layer_cases())
+def test_block_layer_generated_cpu_matches_emulation(case):
+    T, K, E, mode, id_dtype, H, I, local, prequantized, seed = case
+    args = make_block_layer_inputs(*case)
+    x, w1, w2, w, ids, w1_s, w2_s, a1, emap = args
+    out = run_block_layer(args, local)
+    assert out.shape == (T, H) and out.dtype == torch.bfloat16
+    if T == 0:
+        return
+    local_ids = emap.long()[ids.long()] if emap is not None else ids.long()
+    want = emulate_block_layer(x, w1, w2, w, local_ids, w1_s, w2_s, set(range(local)) if emap is not None else None,
+                               x_scales=a1)
+    assert rel_error(out, want) < BLOCK_LAYER_TOL
+
+
+def check_block_layer_cuda_matches_cpu(case):
+    T, K, E, mode, id_dtype, H, I, local, prequantized, seed = case
+    args = make_block_layer_inputs(*case)
+    want = run_block_layer(args, local)
+    poison_cuda_allocator(0xFF)
+    out = run_block_layer(to_cuda(*args), local).cpu()
+    assert not out.isnan().any()
+    assert rel_error(out, want) < BLOCK_LAYER_TOL
+
+
+@pytest.mark.cuda
+@given(block_layer_cases())
+def test_block_layer_generated_cuda_matches_cpu(case):
+    check_block_layer_cuda_matches_cpu(case)
+
+
 # Every CUDA check above, for scripts/sanitize_ops.py: (name, strategy, check).
 CUDA_CHECKS = [
     ("permute", permute_cases(big_tokens=True), check_permute_cuda_matches_cpu),
@@ -584,4 +696,5 @@ CUDA_CHECKS = [
     ("gemm", gemm_cases(), check_gemm_cuda_matches_cpu),
     ("block_gemm", block_gemm_cases(), check_block_gemm_cuda_matches_cpu),
     ("layer", layer_cases(), check_layer_cuda_matches_cpu),
+    ("block_layer", block_layer_cases(), check_block_layer_cuda_matches_cpu),
 ]

@@ -17,6 +17,7 @@ from moe_kernels.modular import FusedGateRouter, MoELayer, SingleGpu, TorchExper
 
 from fp8_helpers import FP8, quantize_per_expert, rel_error
 from helpers import random_topk_ids
+from test_cutlass_moe_block import quantize_blockwise
 
 pytestmark = pytest.mark.cuda
 
@@ -69,9 +70,24 @@ def _layer_inputs(g):
             w2_s]
 
 
+def _permute_scales_inputs(g):
+    x, ids, E = _permute_inputs(g)
+    return [x.float().to(FP8), ids, E, None, -1, 0, torch.rand(300, 2, generator=g)]
+
+
+def _block_layer_inputs(g):
+    E, H, I = 4, 256, 128
+    w1, w1_s = quantize_blockwise(torch.randn(E, 2 * I, H, generator=g) / H**0.5)
+    w2, w2_s = quantize_blockwise(torch.randn(E, H, I, generator=g) / I**0.5)
+    ids = random_topk_ids(32, 2, E)
+    return [torch.randn(32, H, generator=g).to(torch.bfloat16), w1, w2, torch.rand(32, 2, generator=g), ids, w1_s,
+            w2_s]
+
+
 OPS = {
     "moe_sort_tokens": (lambda g: [random_topk_ids(5000, 8, 64), 64], moe_kernels.moe_sort_tokens, "exact"),
     "moe_permute": (_permute_inputs, moe_kernels.moe_permute, "permute"),
+    "moe_permute_with_scales": (_permute_scales_inputs, moe_kernels.moe_permute, "exact"),
     "moe_unpermute": (_unpermute_inputs, moe_kernels.moe_unpermute, "bf16"),
     "compute_problem_sizes": (lambda g: [_offsets(g), 64, 256], moe_kernels.compute_problem_sizes, "exact"),
     "ep_pre_reorder": (_ep_inputs, moe_kernels.ep_pre_reorder, "ep_pre"),
@@ -86,10 +102,15 @@ OPS = {
                                    moe_kernels.scaled_fp8_quant, "exact"),
     "silu_and_mul_quant_fp8": (lambda g: [torch.randn(300, 512, generator=g)], moe_kernels.silu_and_mul_quant_fp8,
                                "exact"),
+    "silu_and_mul_quant_fp8_group": (lambda g: [torch.randn(300, 512, generator=g), None, False, 128],
+                                     moe_kernels.silu_and_mul_quant_fp8, "exact"),
+    "per_token_group_quant_fp8": (lambda g: [torch.randn(300, 512, generator=g), 128],
+                                  moe_kernels.per_token_group_quant_fp8, "exact"),
     "moe_fused_gate": (lambda g: [torch.randn(300, 256, generator=g), torch.randn(256, generator=g) * 0.1, 8, 4, 8,
                                   "sigmoid", True, 1, 2.5, False], moe_kernels.moe_fused_gate, "exact"),
     "cutlass_grouped_gemm_fp8": (_gemm_inputs, moe_kernels.cutlass_grouped_gemm_fp8, "gemm"),
     "cutlass_moe_fp8": (_layer_inputs, moe_kernels.cutlass_moe_fp8, "layer"),
+    "cutlass_moe_fp8_block": (_block_layer_inputs, moe_kernels.cutlass_moe_fp8, "layer"),
 }
 
 
