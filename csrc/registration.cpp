@@ -26,6 +26,12 @@ TORCH_LIBRARY(moe_kernels, m) {
         "int end_expert_id, Tensor? scale=None, ScalarType? out_dtype=None) -> Tensor");
   m.def("ep_post_reorder(Tensor down_output, Tensor src2dst, Tensor topk_ids, Tensor topk_weights, "
         "int start_expert_id, int end_expert_id) -> Tensor");
+  m.def("ep_dispatch_plan(Tensor topk_ids, int experts_per_rank, int world_size, int capacity=-1) "
+        "-> (Tensor slots, Tensor counts, Tensor dropped)");
+  m.def("ep_pack_records(Tensor x, Tensor? scales, Tensor topk_weights, Tensor topk_ids, Tensor slots, "
+        "Tensor counts, int num_records, int experts_per_rank, int capacity=-1) -> Tensor");
+  m.def("ep_unpack_records(Tensor records, int hidden, ScalarType dtype, int num_scales, int topk) "
+        "-> (Tensor x, Tensor scales, Tensor topk_weights, Tensor topk_ids)");
   // routing/
   m.def("moe_fused_gate(Tensor scores, Tensor? bias, int num_expert_group, int topk_group, int topk, "
         "str scoring_func=\"sigmoid\", bool renormalize=True, int num_fused_shared_experts=0, "

@@ -80,4 +80,104 @@ void check_post_reorder_args(const at::Tensor& down_output, const at::Tensor& sr
   check_routing(op, down_output.device(), src2dst, topk_ids, start_expert_id, end_expert_id);
 }
 
+namespace {
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+}
+
+bool is_row_dtype(at::ScalarType dt) {
+  return dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat || dt == at::kFloat8_e4m3fn;
+}
+
+}  // namespace
+
+void check_dispatch_plan_args(const at::Tensor& topk_ids, int64_t experts_per_rank, int64_t world_size,
+                              int64_t capacity) {
+  const char* op = "ep_dispatch_plan";
+  TORCH_CHECK(topk_ids.dim() == 2, op, ": topk_ids must be 2-D [T, K], got shape ", topk_ids.sizes());
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong, op,
+              ": topk_ids must be int32 or int64, got ", topk_ids.scalar_type());
+  TORCH_CHECK(topk_ids.is_contiguous(), op, ": topk_ids must be contiguous");
+  TORCH_CHECK(experts_per_rank >= 1, op, ": experts_per_rank must be >= 1, got ", experts_per_rank);
+  TORCH_CHECK(world_size >= 1 && world_size <= kMaxEpRanks, op, ": world_size must be in [1, ", kMaxEpRanks,
+              "], got ", world_size);
+  TORCH_CHECK(capacity >= -1, op, ": capacity must be -1 (variable splits) or >= 0 records per rank, got ",
+              capacity);
+  const int64_t T = topk_ids.size(0);
+  const int64_t records = capacity < 0 ? T * world_size : capacity * world_size;
+  TORCH_CHECK(records < std::numeric_limits<int32_t>::max() && T * world_size < std::numeric_limits<int32_t>::max(),
+              op, ": T * world_size (", T * world_size, ") and capacity * world_size (", capacity * world_size,
+              ") must fit int32 slot indices");
+}
+
+RecordLayout check_pack_records_args(const at::Tensor& x, const std::optional<at::Tensor>& scales,
+                                     const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                     const at::Tensor& slots, const at::Tensor& counts, int64_t num_records,
+                                     int64_t experts_per_rank, int64_t capacity) {
+  const char* op = "ep_pack_records";
+  const at::Device device = x.device();
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, H], got shape ", x.sizes());
+  TORCH_CHECK(is_row_dtype(x.scalar_type()), op, ": x must be bfloat16, float16, float32 or float8_e4m3fn, got ",
+              x.scalar_type());
+  check_tensor(op, "x", x, device);
+  const int64_t T = x.size(0);
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T, op, ": topk_ids must be [T, K] with T=", T, ", got shape ",
+              topk_ids.sizes());
+  TORCH_CHECK(topk_ids.size(1) >= 1 && topk_ids.size(1) <= kMaxTopK, op, ": topk_ids must have 1 to ", kMaxTopK,
+              " columns (K), got ", topk_ids.size(1));
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong, op,
+              ": topk_ids must be int32 or int64, got ", topk_ids.scalar_type());
+  check_tensor(op, "topk_ids", topk_ids, device);
+  const int64_t K = topk_ids.size(1);
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), op, ": topk_weights must have shape ", topk_ids.sizes(),
+              " (as topk_ids), got ", topk_weights.sizes());
+  TORCH_CHECK(topk_weights.scalar_type() == at::kFloat, op, ": topk_weights must be float32, got ",
+              topk_weights.scalar_type());
+  check_tensor(op, "topk_weights", topk_weights, device);
+  int64_t G = 0;
+  if (scales.has_value()) {
+    const at::Tensor& s = *scales;
+    TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": scales must be float32, got ", s.scalar_type());
+    TORCH_CHECK((s.dim() == 1 || s.dim() == 2) && s.size(0) == T, op,
+                ": scales must be [T] or [T, G] (per token or per group) with T=", T, ", got shape ", s.sizes());
+    check_tensor(op, "scales", s, device);
+    G = s.dim() == 1 ? 1 : s.size(1);
+  }
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == T && slots.size(1) >= 1 && slots.size(1) <= kMaxEpRanks, op,
+              ": slots must be [T, W] with T=", T, " and 1 <= W <= ", kMaxEpRanks, ", got shape ", slots.sizes());
+  TORCH_CHECK(slots.scalar_type() == at::kInt, op, ": slots must be int32, got ", slots.scalar_type());
+  check_tensor(op, "slots", slots, device);
+  const int64_t W = slots.size(1);
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == W, op, ": counts must be [W] = [", W, "], got shape ",
+              counts.sizes());
+  TORCH_CHECK(counts.scalar_type() == at::kInt, op, ": counts must be int32, got ", counts.scalar_type());
+  check_tensor(op, "counts", counts, device);
+  TORCH_CHECK(experts_per_rank >= 1, op, ": experts_per_rank must be >= 1, got ", experts_per_rank);
+  TORCH_CHECK(num_records >= 0 && num_records < std::numeric_limits<int32_t>::max(), op,
+              ": num_records must be in [0, 2^31 - 1), got ", num_records);
+  TORCH_CHECK(capacity >= -1, op, ": capacity must be -1 (variable splits) or >= 0, got ", capacity);
+  TORCH_CHECK(capacity < 0 || num_records == capacity * W, op, ": with a capacity, num_records must be W * capacity = ",
+              capacity * W, ", got ", num_records);
+  return make_record_layout(x.size(1), x.element_size(), static_cast<int>(G), static_cast<int>(K));
+}
+
+RecordLayout check_unpack_records_args(const at::Tensor& records, int64_t hidden, at::ScalarType dtype,
+                                       int64_t num_scales, int64_t topk) {
+  const char* op = "ep_unpack_records";
+  TORCH_CHECK(is_row_dtype(dtype), op, ": dtype must be bfloat16, float16, float32 or float8_e4m3fn, got ", dtype);
+  TORCH_CHECK(hidden >= 0, op, ": hidden must be >= 0, got ", hidden);
+  TORCH_CHECK(num_scales >= 0, op, ": num_scales must be >= 0, got ", num_scales);
+  TORCH_CHECK(topk >= 1 && topk <= kMaxTopK, op, ": topk must be in [1, ", kMaxTopK, "], got ", topk);
+  const RecordLayout l = make_record_layout(hidden, c10::elementSize(dtype), static_cast<int>(num_scales),
+                                            static_cast<int>(topk));
+  TORCH_CHECK(records.scalar_type() == at::kByte, op, ": records must be uint8, got ", records.scalar_type());
+  TORCH_CHECK(records.dim() == 2 && records.size(1) == l.record_bytes, op, ": records must be [N, ", l.record_bytes,
+              "] (the record of H=", hidden, " ", dtype, ", ", num_scales, " scales, K=", topk, "), got shape ",
+              records.sizes());
+  TORCH_CHECK(records.is_contiguous(), op, ": records must be contiguous");
+  return l;
+}
+
 }  // namespace moe_kernels

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 namespace moe_kernels::cpu {
 
@@ -14,5 +15,16 @@ at::Tensor ep_pre_reorder(const at::Tensor& hidden_states, const at::Tensor& src
 
 at::Tensor ep_post_reorder(const at::Tensor& down_output, const at::Tensor& src2dst, const at::Tensor& topk_ids,
                            const at::Tensor& topk_weights, int64_t start_expert_id, int64_t end_expert_id);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_dispatch_plan(const at::Tensor& topk_ids, int64_t experts_per_rank,
+                                                                int64_t world_size, int64_t capacity);
+
+at::Tensor ep_pack_records(const at::Tensor& x, const std::optional<at::Tensor>& scales,
+                           const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& slots,
+                           const at::Tensor& counts, int64_t num_records, int64_t experts_per_rank, int64_t capacity);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ep_unpack_records(const at::Tensor& records, int64_t hidden,
+                                                                             at::ScalarType dtype, int64_t num_scales,
+                                                                             int64_t topk);
 
 }  // namespace moe_kernels::cpu

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace moe_kernels {
 
@@ -23,5 +24,31 @@ at::Tensor ep_pre_reorder(const at::Tensor& hidden_states, const at::Tensor& src
 // topk_weights[t,k] * down_output[src2dst[t,k]] (fp32 accumulation); zeros for tokens with none.
 at::Tensor ep_post_reorder(const at::Tensor& down_output, const at::Tensor& src2dst, const at::Tensor& topk_ids,
                            const at::Tensor& topk_weights, int64_t start_expert_id, int64_t end_expert_id);
+
+// Expert-parallel dispatch through one packed buffer per direction (moe_kernels.modular.AllToAll).
+// Rank d owns experts [d * experts_per_rank, (d + 1) * experts_per_rank).
+//
+// -> (slots [T, W] int32, counts [W] int32, dropped [1] int32): slots[t, d] is the record of token t
+// for rank d in the send buffer (grouped by rank, token order inside a rank), or -1 when no choice
+// of t is on rank d or (capacity >= 0) the record falls past rank d's capacity; counts[d] = tokens
+// that want rank d; dropped = records without a slot. capacity -1: variable splits (rank d's records
+// follow those of ranks < d); capacity >= 0: rank d's segment is [d * capacity, (d + 1) * capacity).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_dispatch_plan(const at::Tensor& topk_ids, int64_t experts_per_rank,
+                                                                int64_t world_size, int64_t capacity = -1);
+
+// -> records [num_records, record_bytes] uint8: record slots[t, d] = [x[t] bytes | scales[t] fp32 |
+// topk_weights[t] fp32 | topk_ids[t] int32] (layout: csrc/ep/record_layout.h). With capacity >= 0
+// (num_records = W * capacity), unfilled records get scale 1, weight 0 and ids of an expert of
+// another rank, so the receiver computes nothing for them.
+at::Tensor ep_pack_records(const at::Tensor& x, const std::optional<at::Tensor>& scales,
+                           const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& slots,
+                           const at::Tensor& counts, int64_t num_records, int64_t experts_per_rank,
+                           int64_t capacity = -1);
+
+// -> (x [N, hidden] dtype, scales [N, num_scales] fp32, topk_weights [N, topk] fp32, topk_ids [N, topk] int32):
+// the fields of N records, each contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ep_unpack_records(const at::Tensor& records, int64_t hidden,
+                                                                             at::ScalarType dtype, int64_t num_scales,
+                                                                             int64_t topk);
 
 }  // namespace moe_kernels

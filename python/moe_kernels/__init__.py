@@ -11,8 +11,12 @@ from . import _library
 _library.load()
 
 from .ops.ep import (  # noqa: E402
+    ep_dispatch_plan,
+    ep_pack_records,
     ep_post_reorder,
     ep_pre_reorder,
+    ep_record_bytes,
+    ep_unpack_records,
 )
 from .ops.permute import (  # noqa: E402
     compute_problem_sizes,
@@ -40,8 +44,12 @@ __all__ = [
     "cutlass_moe_fp8",
     "moe_fused_gate",
     "compute_problem_sizes",
+    "ep_dispatch_plan",
+    "ep_pack_records",
     "ep_post_reorder",
     "ep_pre_reorder",
+    "ep_record_bytes",
+    "ep_unpack_records",
     "moe_permute",
     "moe_sort_tokens",
     "moe_unpermute",

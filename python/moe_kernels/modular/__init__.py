@@ -6,13 +6,15 @@ Any Experts works with any PrepareFinalize: the layer only passes tensors betwee
     out = layer(hidden_states, router_logits)
 """
 
-from .experts import Experts, TorchExperts
+from .experts import CutlassFp8Experts, Experts, TorchExperts
 from .layer import MoELayer
-from .prepare_finalize import AllToAll, Dispatched, PrepareFinalize, SingleGpu
+from .prepare_finalize import AllToAll, CapacityOverflowError, Dispatched, PrepareFinalize, SingleGpu
 from .router import FusedGateRouter, Router
 
 __all__ = [
     "AllToAll",
+    "CapacityOverflowError",
+    "CutlassFp8Experts",
     "Dispatched",
     "Experts",
     "FusedGateRouter",

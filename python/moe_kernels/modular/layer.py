@@ -30,7 +30,9 @@ class MoELayer:
 
     def forward_routed(self, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
         d = self.prepare_finalize.prepare(hidden_states, topk_weights, topk_ids)
-        y = self.experts(d.x, d.topk_weights, d.topk_ids, d.expert_map, d.num_local_experts)
+        # x_scale only when the rows arrive quantized: Experts written before it existed keep working.
+        extra = {} if d.x_scale is None else {"x_scale": d.x_scale}
+        y = self.experts(d.x, d.topk_weights, d.topk_ids, d.expert_map, d.num_local_experts, **extra)
         out = self.prepare_finalize.finalize(y, d)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)

@@ -14,7 +14,7 @@ Expert ids are only compared with the range: the number of experts is not an arg
 outside ``[0, E)`` are not detected; a negative id (e.g. -1 for a padded slot) is never local.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -78,6 +78,76 @@ def ep_post_reorder(
     return _ops.ep_post_reorder(down_output, src2dst, topk_ids, topk_weights, start_expert_id, end_expert_id)
 
 
+def ep_record_bytes(hidden: int, dtype: torch.dtype, num_scales: int, topk: int) -> int:
+    """Bytes of one dispatch record: ``[row: hidden elements of dtype | pad to 16 | num_scales fp32 |
+    topk fp32 weights | topk int32 ids | pad to 16]`` (csrc/ep/record_layout.h)."""
+    row = hidden * torch.empty((), dtype=dtype).element_size()
+    meta_offset = (row + 15) // 16 * 16
+    return (meta_offset + 4 * (num_scales + 2 * topk) + 15) // 16 * 16
+
+
+def ep_dispatch_plan(topk_ids: Tensor, experts_per_rank: int, world_size: int,
+                     capacity: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
+    """Where each (token, destination rank) record goes in the send buffer of an all-to-all dispatch.
+
+    Rank d owns experts ``[d * experts_per_rank, (d + 1) * experts_per_rank)``; a token goes once to
+    every rank that owns one of its choices (ids outside ``[0, world_size * experts_per_rank)``, e.g.
+    -1, go nowhere). Records are grouped by rank, in token order inside a rank.
+
+    Args:
+        topk_ids: [T, K] int32 or int64.
+        experts_per_rank: >= 1.
+        world_size: 1 to 64 ranks.
+        capacity: -1: variable splits (rank d's records follow those of ranks < d); >= 0: rank d's
+            records are ``[d * capacity, (d + 1) * capacity)`` and those past the capacity are dropped.
+
+    Returns:
+        slots: [T, W] int32, the record of token t for rank d, or -1 (not wanted, or dropped).
+        counts: [W] int32, tokens that want rank d (before the capacity: ``counts > capacity`` is
+            the overflow).
+        dropped: [1] int32, records dropped by the capacity (0 with variable splits).
+    """
+    return _ops.ep_dispatch_plan(topk_ids, experts_per_rank, world_size, capacity)
+
+
+def ep_pack_records(x: Tensor, scales: Optional[Tensor], topk_weights: Tensor, topk_ids: Tensor, slots: Tensor,
+                    counts: Tensor, num_records: int, experts_per_rank: int, capacity: int = -1) -> Tensor:
+    """Builds the send buffer of a dispatch: for every ``slots[t, d] >= 0`` one record
+    ``[x[t] | scales[t] | topk_weights[t] | topk_ids[t] as int32]`` (:func:`ep_record_bytes`).
+
+    Args:
+        x: [T, H] bfloat16, float16, float32 or float8_e4m3fn (rows are copied as bytes).
+        scales: None, [T] (per token) or [T, G] (per group) float32.
+        topk_weights: [T, K] float32; topk_ids: [T, K] int32 or int64.
+        slots, counts: from :func:`ep_dispatch_plan`.
+        num_records: rows of the buffer: ``counts.sum()`` with variable splits, ``W * capacity`` with
+            a capacity. Slots outside ``[0, num_records)`` are skipped.
+        experts_per_rank, capacity: as given to :func:`ep_dispatch_plan`.
+
+    Returns:
+        records: [num_records, record_bytes] uint8. With a capacity, the records that no token
+        fills carry scale 1, weight 0 and, as every id, the first expert of rank ``(d + 1) % W``
+        (never the destination's own): the receiver computes nothing for them. Their rows and the
+        padding bytes are unspecified.
+    """
+    return _ops.ep_pack_records(x, scales, topk_weights, topk_ids, slots, counts, num_records, experts_per_rank,
+                                capacity)
+
+
+def ep_unpack_records(records: Tensor, hidden: int, dtype: torch.dtype, num_scales: int,
+                      topk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Splits received records into contiguous tensors for the experts.
+
+    Args:
+        records: [N, ep_record_bytes(hidden, dtype, num_scales, topk)] uint8.
+
+    Returns:
+        x [N, hidden] dtype, scales [N, num_scales] float32, topk_weights [N, topk] float32,
+        topk_ids [N, topk] int32.
+    """
+    return _ops.ep_unpack_records(records, hidden, dtype, num_scales, topk)
+
+
 @torch.library.register_fake("moe_kernels::ep_pre_reorder")
 def _(hidden_states, src2dst, topk_ids, start_expert_id, end_expert_id, scale=None, out_dtype=None):
     T, K = src2dst.shape
@@ -88,3 +158,23 @@ def _(hidden_states, src2dst, topk_ids, start_expert_id, end_expert_id, scale=No
 @torch.library.register_fake("moe_kernels::ep_post_reorder")
 def _(down_output, src2dst, topk_ids, topk_weights, start_expert_id, end_expert_id):
     return down_output.new_empty((src2dst.shape[0], down_output.shape[1]))
+
+
+@torch.library.register_fake("moe_kernels::ep_dispatch_plan")
+def _(topk_ids, experts_per_rank, world_size, capacity=-1):
+    T = topk_ids.shape[0]
+    return (topk_ids.new_empty((T, world_size), dtype=torch.int32), topk_ids.new_empty((world_size,), dtype=torch.int32),
+            topk_ids.new_empty((1,), dtype=torch.int32))
+
+
+@torch.library.register_fake("moe_kernels::ep_pack_records")
+def _(x, scales, topk_weights, topk_ids, slots, counts, num_records, experts_per_rank, capacity=-1):
+    G = 0 if scales is None else (1 if scales.dim() == 1 else scales.shape[1])
+    return x.new_empty((num_records, ep_record_bytes(x.shape[1], x.dtype, G, topk_ids.shape[1])), dtype=torch.uint8)
+
+
+@torch.library.register_fake("moe_kernels::ep_unpack_records")
+def _(records, hidden, dtype, num_scales, topk):
+    N = records.shape[0]
+    return (records.new_empty((N, hidden), dtype=dtype), records.new_empty((N, num_scales), dtype=torch.float32),
+            records.new_empty((N, topk), dtype=torch.float32), records.new_empty((N, topk), dtype=torch.int32))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Expert parallelism on two GPUs of one host over NCCL: (a) the EP layer against the single-GPU
+# layer, (b) AllToAll dispatch + combine against raw all_to_all_single of the same bytes, (c) the
+# whole EP layer with FP8 experts against the single-GPU layer. JSON in bench/results/, a short
+# table last. Takes about 2-3 minutes after the build.
+#
+#   bash scripts/ep-check.sh                       # build (pip install .) + run on 2 GPUs
+#   STAGES=run bash scripts/ep-check.sh            # the package is already installed
+#   NPROC=2 ARGS="--tokens 128 4096" bash scripts/ep-check.sh
+#   STAGES=run BACKEND=gloo bash scripts/ep-check.sh   # CPU, gloo: tests this script's logic (tiny shapes)
+#
+# NVLink multicast stays off (NVLS in NCCL, symmetric memory, NVSHMEM): never cuMulticastCreate.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ep-check}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build run"}
+NPROC=${NPROC:-2}
+BACKEND=${BACKEND:-nccl}
+ARGS=${ARGS:-}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+if [[ " $STAGES " == *" build "* ]]; then
+  STAGES=build OUT="$OUT" bash scripts/gpu-check.sh || exit $?
+fi
+
+if [[ " $STAGES " == *" run "* ]]; then
+  if [ "$BACKEND" = gloo ]; then
+    backend_args=(--backend gloo --device cpu --small)
+  else
+    backend_args=(--backend nccl --device cuda)
+  fi
+  # Run from outside the source tree's python/ so that the installed package (with _C.so) is
+  # imported; the script itself is taken from the tree.
+  python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+    python/moe_kernels/bench/ep_dist.py "${backend_args[@]}" --results bench/results $ARGS 2>&1 | tee "$OUT/ep_dist.log"
+  rc=${PIPESTATUS[0]}
+  cp bench/results/ep_dist_*.json "$OUT/" 2>/dev/null
+  echo "ep_dist: rc=$rc (log: $OUT/ep_dist.log)"
+  exit $rc
+fi
