@@ -219,13 +219,13 @@ def test_opcheck(device):
     slots, counts, _ = moe_kernels.ep_dispatch_plan(ids, epr, W)
     n = int(counts.sum())
     # Variable splits: every record is written, so the bytes are deterministic (as opcheck compares)
-    # except the padding; an fp32 row of 32 elements and G=1, K=2 leaves none.
+    # except the padding; an fp32 row of 32 elements with G=4, K=2 (8 metadata words) leaves none.
     x32 = rows_of(T, 32, torch.float32, device)
-    assert moe_kernels.ep_record_bytes(32, torch.float32, 2, K) == 128 + 16
-    scales2 = torch.rand(T, 2, device=device)
-    opcheck(torch.ops.moe_kernels.ep_pack_records.default, (x32, scales2, w, ids, slots, counts, n, epr, -1))
-    records = moe_kernels.ep_pack_records(x32, scales2, w, ids, slots, counts, n, epr)
-    opcheck(torch.ops.moe_kernels.ep_unpack_records.default, (records, 32, torch.float32, 2, K))
+    assert moe_kernels.ep_record_bytes(32, torch.float32, 4, K) == 128 + 32
+    scales4 = torch.rand(T, 4, device=device)
+    opcheck(torch.ops.moe_kernels.ep_pack_records.default, (x32, scales4, w, ids, slots, counts, n, epr, -1))
+    records = moe_kernels.ep_pack_records(x32, scales4, w, ids, slots, counts, n, epr)
+    opcheck(torch.ops.moe_kernels.ep_unpack_records.default, (records, 32, torch.float32, 4, K))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -246,4 +246,4 @@ def test_bad_inputs_raise_clear_errors():
         moe_kernels.ep_pack_records(x, scales[:3], w, ids, slots, counts, 8, epr, 4)
     records = moe_kernels.ep_pack_records(x, scales, w, ids, slots, counts, 8, epr, 4)
     with pytest.raises(RuntimeError, match=r"ep_unpack_records: records must be \[N, \d+\]"):
-        moe_kernels.ep_unpack_records(records, x.shape[1], torch.bfloat16, 2, K)
+        moe_kernels.ep_unpack_records(records, x.shape[1], torch.bfloat16, 8, K)

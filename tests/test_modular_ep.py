@@ -173,3 +173,25 @@ def test_capacity_needs_two_ranks():
         assert rel_err(out, single_device("torch", "fp8", x, logits)) < 1e-2
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dispatch", ["none", "fp8"])
+def test_one_rank_nccl_on_cuda_equals_single_gpu(dispatch):
+    """The packed path on the GPU kernels (one rank over NCCL; two ranks: scripts/ep-check.sh)."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        x, logits = tokens(0)
+        x, logits = x.cuda(), logits.cuda()
+        q1, s1 = quantize_weights(experts_weights()[0])
+        q2, s2 = quantize_weights(experts_weights()[1])
+        experts = CutlassFp8Experts(q1.cuda(), q2.cuda(), s1.cuda(), s2.cuda())
+        pf = AllToAll(E, dispatch_dtype=FP8 if dispatch == "fp8" else None)
+        got = MoELayer(softmax_topk, pf, experts)(x, logits)
+        want = MoELayer(softmax_topk, SingleGpu(E), experts)(x, logits)
+        # One rank: every choice is local, one partial per token, so only the extra pass through
+        # the combine (exact: unit weights) separates them: the same bits.
+        assert torch.equal(got, want)
+    finally:
+        dist.destroy_process_group()

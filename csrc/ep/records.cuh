@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kRecordThreads) pack_records_kernel(PackParams
       for (int i = 0; i < n; ++i) reinterpret_cast<Vec*>(p.records + dst[i] * l.record_bytes)[v] = x;
     }
     if (blockIdx.y == 0) {
-      const int words = l.meta_words();
+      const int words = l.num_scales + 2 * l.topk;  // G + 2K metadata words
       for (int i = threadIdx.x; i < n * words; i += kRecordThreads) {
         const int r = i / words, w = i % words;
         reinterpret_cast<uint32_t*>(p.records + dst[r] * l.record_bytes + l.meta_offset)[w] = meta_word(p, t, w);
