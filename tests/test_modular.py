@@ -67,6 +67,9 @@ def _free_port():
 
 
 def _rank_main(rank, world, port, results):
+    # One thread per rank: the ranks share the cores, and spinning OpenMP threads of oversubscribed
+    # processes made these tiny shapes take seconds per call.
+    torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

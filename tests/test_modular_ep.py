@@ -92,6 +92,9 @@ def _run_case(rank, world, kind, dispatch, mode):
 
 
 def _rank_main(rank, world, port, results):
+    # One thread per rank: the ranks share the cores, and spinning OpenMP threads of oversubscribed
+    # processes made these tiny shapes take seconds per call.
+    torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
@@ -118,6 +121,15 @@ def _rank_main(rank, world, port, results):
             results[(rank, "check_overflow")] = "raised"
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: threads only contend (with the ranks' processes, and on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=[f"world{w}" for w in WORLDS])
