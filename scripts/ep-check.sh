@@ -31,12 +31,12 @@ if [[ " $STAGES " == *" run "* ]]; then
   else
     backend_args=(--backend nccl --device cuda)
   fi
-  # Run from outside the source tree's python/ so that the installed package (with _C.so) is
-  # imported; the script itself is taken from the tree.
+  # The installed package's module (the repository root has no moe_kernels/ of its own, so the
+  # import finds the installed copy, with its _C.so).
   python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-    python/moe_kernels/bench/ep_dist.py "${backend_args[@]}" --results bench/results $ARGS 2>&1 | tee "$OUT/ep_dist.log"
+    -m moe_kernels.bench.ep_dist "${backend_args[@]}" --results bench/results $ARGS 2>&1 | tee "$OUT/ep_dist.log"
   rc=${PIPESTATUS[0]}
-  cp bench/results/ep_dist_*.json "$OUT/" 2>/dev/null
+  cp bench/results/bench_ep_dist_*.json "$OUT/" 2>/dev/null
   echo "ep_dist: rc=$rc (log: $OUT/ep_dist.log)"
   exit $rc
 fi

@@ -8,8 +8,8 @@ H=7168, I=2048; T tokens per rank. Bytes counted per rank: dispatch = records se
 (row + scales + weights + ids), combine = records x H x 2 (bf16 partial outputs); the raw
 baseline moves the same bytes (averaged over ranks) in equal splits, in the same run.
 
-    torchrun --nproc_per_node=2 python/moe_kernels/bench/ep_dist.py            # GPUs, NCCL
-    torchrun --nproc_per_node=2 python/moe_kernels/bench/ep_dist.py --backend gloo --device cpu --small
+    torchrun --nproc_per_node=2 -m moe_kernels.bench.ep_dist            # GPUs, NCCL (scripts/ep-check.sh)
+    torchrun --nproc_per_node=2 -m moe_kernels.bench.ep_dist --backend gloo --device cpu --small
 Prints a table last; rank 0 writes JSON to --results (bench/results/ by default).
 """
 
@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import moe_kernels
+from moe_kernels.bench.report import environment as base_environment
 from moe_kernels.modular import AllToAll, CapacityOverflowError, CutlassFp8Experts, MoELayer, SingleGpu, TorchExperts
 
 FP8 = torch.float8_e4m3fn
@@ -292,12 +292,12 @@ def print_table(title, rows, columns):
 
 
 def environment(args, world, device):
-    env = {"backend": args.backend, "world_size": world, "torch": torch.__version__, "python": platform.python_version(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "device": "cpu"}
+    env = base_environment()
+    env.update(backend=args.backend, world_size=world, nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"))
     if device.type == "cuda":
-        env.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   nccl=".".join(map(str, torch.cuda.nccl.version())))
+        env.update(device=torch.cuda.get_device_name(device), nccl=".".join(map(str, torch.cuda.nccl.version())))
+    else:
+        env["device"] = "cpu"
     return env
 
 
@@ -320,7 +320,7 @@ def main(argv=None):
             out = Path(args.results)
             out.mkdir(parents=True, exist_ok=True)
             name = results["env"]["device"].replace(" ", "_")
-            path = out / f"ep_dist_{name}_x{world}_{results['env']['date'][:10]}.json"
+            path = out / f"bench_ep_dist_{name}_x{world}_{results['env']['date'][:10]}.json"
             path.write_text(json.dumps(results, indent=1))
             print(f"\nsaved {path}")
             print_table("(a) EP layer vs single device (rel err < 1e-2)", results.get("check", []),
