@@ -33,11 +33,20 @@ def quantize_weights(w):
     return (w / scale.view(-1, 1, 1)).to(FP8), scale.float()
 
 
-def experts_weights():
+def experts_weights(inter=I):
     g = torch.Generator().manual_seed(0)  # every rank the same experts
-    w1 = torch.randn(E, 2 * I, H, generator=g) / H**0.5
-    w2 = torch.randn(E, H, I, generator=g) / I**0.5
+    w1 = torch.randn(E, 2 * inter, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, inter, generator=g) / inter**0.5
     return w1, w2
+
+
+def quantize_blocks(w):
+    """e4m3 weights with one scale per 128x128 block: scales [E, N/128, K/128]."""
+    En, N, Kd = w.shape
+    blocks = w.view(En, N // 128, 128, Kd // 128, 128)
+    scale = blocks.abs().amax(dim=(2, 4)) / 448.0
+    q = (blocks / scale[:, :, None, :, None]).view(En, N, Kd).to(FP8)
+    return q, scale.float()
 
 
 def tokens(rank):
@@ -47,11 +56,14 @@ def tokens(rank):
 
 
 def make_experts(kind, sl=slice(None)):
-    w1, w2 = experts_weights()
+    """torch: TorchExperts; cutlass: CutlassFp8Experts with per-expert scales; block: with 128x128
+    block scales (I = 128: every GEMM dimension a multiple of the block)."""
+    w1, w2 = experts_weights(128 if kind == "block" else I)
     if kind == "torch":
         return TorchExperts(w1[sl], w2[sl])
-    q1, s1 = quantize_weights(w1)
-    q2, s2 = quantize_weights(w2)
+    quantize = quantize_blocks if kind == "block" else quantize_weights
+    q1, s1 = quantize(w1)
+    q2, s2 = quantize(w2)
     return CutlassFp8Experts(q1[sl].contiguous(), q2[sl].contiguous(), s1[sl].contiguous(), s2[sl].contiguous())
 
 
@@ -66,7 +78,7 @@ def single_device(kind, dispatch, x, logits):
     return MoELayer(softmax_topk, SingleGpu(E), make_experts(kind))(x, logits)
 
 
-CASES = [(kind, dispatch, mode) for kind in ("torch", "cutlass") for dispatch in ("none", "fp8")
+CASES = [(kind, dispatch, mode) for kind in ("torch", "cutlass", "block") for dispatch in ("none", "fp8")
          for mode in ("variable", "capacity")]
 
 
@@ -81,7 +93,9 @@ def _run_case(rank, world, kind, dispatch, mode):
     if kind == "torch" and dispatch == "none":
         x = x.float()  # fp32 rows travel too
     local = E // world
-    pf = AllToAll(E, dispatch_dtype=FP8 if dispatch == "fp8" else None, capacity=T if mode == "capacity" else None)
+    fp8 = dispatch == "fp8"
+    pf = AllToAll(E, dispatch_dtype=FP8 if fp8 else None, capacity=T if mode == "capacity" else None,
+                  quant_group_size=128 if fp8 and kind == "block" else None)
     layer = MoELayer(softmax_topk, pf, make_experts(kind, slice(rank * local, (rank + 1) * local)))
     out = layer(x, logits)
     out2 = layer(x, logits)  # a second call reuses the cached expert_map and unit weights

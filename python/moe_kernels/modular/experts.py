@@ -80,7 +80,8 @@ class CutlassFp8Experts:
             [E_local, 2I] and [E_local, H] per output channel, or [E_local, 2I/128, H/128] and
             [E_local, H/128, I/128] per 128x128 block (block-scaled checkpoints; the activations are
             then quantized per 1x128 group).
-        a2_scale: optional static [1] scale of the second GEMM's input; None: dynamic per token.
+        a2_scale: optional static [1] scale of the second GEMM's input; None: dynamic per token (per
+            1x128 group in block mode, which takes no a2_scale).
 
     Activations are quantized per token (per 1x128 group in block mode) with dynamic scales. They
     may arrive quantized from the dispatch (AllToAll(dispatch_dtype=torch.float8_e4m3fn), with
@@ -108,6 +109,9 @@ class CutlassFp8Experts:
             raise ValueError(f"CutlassFp8Experts: w1_scale and w2_scale must be [E], [E, 2I] and [E, H], or "
                              f"3-D block scales; got {tuple(w1_scale.shape)} and {tuple(w2_scale.shape)} for "
                              f"w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)}")
+        if self.block and a2_scale is not None:
+            raise ValueError("CutlassFp8Experts: a2_scale must be None with block scales (the second GEMM's "
+                             "input is quantized per 1x128 group)")
         self.w1, self.w2, self.w1_scale, self.w2_scale, self.a2_scale = w1, w2, w1_scale, w2_scale, a2_scale
         #: The activation quantization the dispatch should use: None per token, 128 per 1x128 group.
         self.quant_group_size = 128 if self.block else None
@@ -130,5 +134,8 @@ class CutlassFp8Experts:
     def __call__(self, x, topk_weights, topk_ids, expert_map=None, num_local_experts=-1, x_scale=None):
         a1_scale = self._check_scale(x, x_scale) if x.dtype == FP8 else None
         return cutlass_moe_fp8(x, self.w1, self.w2, topk_weights, topk_ids, self.w1_scale, self.w2_scale,
-                               a1_scale=a1_scale, a2_scale=self.a2_scale, per_act_token=True,
+                               # Dynamic per-token scales (per-group ones in block mode, where the
+                               # group size implies them): with expert_map, a per-tensor scale would
+                               # span rows that no local expert computes.
+                               a1_scale=a1_scale, a2_scale=self.a2_scale, per_act_token=not self.block,
                                per_out_ch=self.per_out_ch, expert_map=expert_map)
