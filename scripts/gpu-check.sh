@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build test sanitize bench"}
+STAGES=${STAGES:-"build test sanitize bench ep"}
 BENCH_ARGS=${BENCH_ARGS:-}  # arguments of python3 -m moe_kernels.bench (default: every op, every model)
 PYTEST_ARGS=${PYTEST_ARGS:-}
 summary=()
@@ -68,6 +68,19 @@ if stage sanitize; then
     [ $rc -ne 0 ] && status=$rc
     summary+=("compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)")
   done
+fi
+
+if stage ep; then
+  # Expert parallelism on two GPUs over NCCL (torchrun): scripts/ep-check.sh, skipped on one GPU.
+  ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+  if [ "$ngpu" -ge 2 ]; then
+    STAGES=run OUT="$OUT" bash scripts/ep-check.sh > "$OUT/ep.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=$rc
+    summary+=("ep (2 GPUs, NCCL): rc=$rc, $(grep -E '^CHECK' "$OUT/ep.log" | tail -1) (log: ep.log)")
+  else
+    summary+=("ep: skipped (needs 2 GPUs, found $ngpu; run scripts/ep-check.sh on a 2-GPU machine)")
+  fi
 fi
 
 if stage bench; then

@@ -83,6 +83,33 @@ def run_ep():
     moe_kernels.ep_post_reorder(torch.randn(6, 8, device="cuda"), src2dst, ids, torch.ones(3, 2, device="cuda"), 0, 7)
 
 
+def run_ep_dispatch():
+    # The packed all-to-all dispatch: row widths 16/2/1 bytes (H = 7168 fp8, 13 bf16, 13 fp8), every
+    # scale count, both id types, variable splits and a capacity that drops records, 64 ranks, T = 0,
+    # bad ids (-1, past the experts) and slots outside the buffer (skipped).
+    for T, K, W, epr, H, dtype, G in [(300, 8, 2, 128, 7168, torch.float8_e4m3fn, 1),
+                                      (37, 4, 4, 2, 13, torch.bfloat16, 0),
+                                      (64, 8, 64, 4, 13, torch.float8_e4m3fn, 3),
+                                      (0, 2, 2, 4, 64, torch.float32, 2)]:
+        x = torch.randn(T, H, device="cuda").to(dtype)
+        ids = torch.rand(T, W * epr, device="cuda").argsort(1)[:, :K].contiguous()
+        if T:
+            ids[0, 0], ids[-1, -1] = -1, W * epr + 5
+        w = torch.rand(T, K, device="cuda")
+        scales = None if G == 0 else torch.rand(T, G, device="cuda")
+        for id_dtype in (torch.int32, torch.int64):
+            ids = ids.to(id_dtype)
+            for capacity in (-1, max(1, T // (2 * W)), T):
+                slots, counts, _ = moe_kernels.ep_dispatch_plan(ids, epr, W, capacity)
+                n = int(counts.sum()) if capacity < 0 else W * capacity
+                records = moe_kernels.ep_pack_records(x, scales, w, ids, slots, counts, n, epr, capacity)
+                moe_kernels.ep_unpack_records(records, H, dtype, G, K)
+    slots = torch.tensor([[0, 5], [-3, 1 << 30]], dtype=torch.int32, device="cuda")
+    x = torch.randn(2, 16, device="cuda")
+    moe_kernels.ep_pack_records(x, None, torch.rand(2, 2, device="cuda"), torch.zeros(2, 2, dtype=torch.int32,
+                                device="cuda"), slots, torch.ones(2, dtype=torch.int32, device="cuda"), 3, 4)
+
+
 def run_routing():
     # Grouped (with and without bias) and plain top-k, every scores dtype, fused shared slots, T = 0.
     for T, E, G, tg, k, scoring, with_bias, dtype in [(300, 256, 8, 4, 8, "sigmoid", True, torch.bfloat16),
@@ -158,6 +185,7 @@ if __name__ == "__main__":
     run_permute()
     run_quant()
     run_ep()
+    run_ep_dispatch()
     run_routing()
     run_gemm()
     run_generated(cli.generated)
