@@ -43,4 +43,4 @@ def test_ep_dist_runs_on_cpu_with_gloo(tmp_path):
     # fp8 rows: about half the dispatch bytes (the records also carry K weights and ids and a scale).
     assert 0.5 < fp8["dispatch_MB"] / bf16["dispatch_MB"] < 0.6
     assert all(r["us"] > 0 and r["raw_us"] > 0 for r in comm)
-    assert len(results["layer"]) == (4 if ep_dist.HAS_PREQUANTIZED_EXPERTS else 2)  # one T
+    assert len(results["layer"]) == (8 if ep_dist.HAS_PREQUANTIZED_EXPERTS else 2)  # one T

@@ -326,30 +326,37 @@ def timed_graph(fn, args, device) -> float:
 # ---------------------------------------------------------------- (c) the whole layer
 
 def layer(args, rank, world, device):
+    """CutlassFp8Experts with per-expert weight scales and with 128x128 block scales (DeepSeek-V3's
+    checkpoint format; the dispatch then quantizes per 1x128 group): EP over the ranks against all
+    experts on one GPU, each rank's T tokens."""
     E, H, I = args.experts, args.hidden, args.inter
     w1, s1 = fp8_weights(E, 2 * I, H, device, 7)
     w2, s2 = fp8_weights(E, H, I, device, 8)
     local = E // world
-    mine = slice(rank * local, (rank + 1) * local)
-    full = CutlassFp8Experts(w1, w2, s1, s2)
-    part = CutlassFp8Experts(w1[mine], w2[mine], s1[mine], s2[mine])  # leading-dim slices: contiguous
+    mine = slice(rank * local, (rank + 1) * local)  # leading-dim slices of contiguous tensors: contiguous
+    kinds = {"per_expert": (s1, s2)}
+    if HAS_PREQUANTIZED_EXPERTS:
+        kinds["block"] = (block_scales(s1, 2 * I, H), block_scales(s2, H, I))
     rows = []
-    for T in args.tokens:
-        weights, ids = route(T, args, device, seed=1000 * T + rank)
-        x = torch.randn(T, H, device=device).to(torch.bfloat16)
-        single = MoELayer(None, SingleGpu(E), full)
-        t_single = timed(lambda: single.forward_routed(x, weights, ids), args, device)
-        for dispatch in (None, FP8) if HAS_PREQUANTIZED_EXPERTS else (None,):
-            for capacity in (None, T):
-                pf = AllToAll(E, dispatch_dtype=dispatch, capacity=capacity)
-                ep = MoELayer(None, pf, part)
-                t_ep = timed(lambda: ep.forward_routed(x, weights, ids), args, device)
-                if capacity:
-                    pf.check_overflow()
-                rows.append({"T": T, "dispatch": "fp8" if dispatch else "bf16",
-                             "mode": "capacity" if capacity else "variable", "ep_us": t_ep * 1e6,
-                             "single_us": t_single * 1e6, "ep/single": t_ep / t_single})
-    del w1, w2, full, part
+    for kind, (sc1, sc2) in kinds.items():
+        full = CutlassFp8Experts(w1, w2, sc1, sc2)
+        part = CutlassFp8Experts(w1[mine], w2[mine], sc1[mine], sc2[mine])
+        for T in args.tokens:
+            weights, ids = route(T, args, device, seed=1000 * T + rank)
+            x = torch.randn(T, H, device=device).to(torch.bfloat16)
+            single = MoELayer(None, SingleGpu(E), full)
+            t_single = timed(lambda: single.forward_routed(x, weights, ids), args, device)
+            for dispatch in (None, FP8) if HAS_PREQUANTIZED_EXPERTS else (None,):
+                for capacity in (None, T):
+                    group = 128 if dispatch and kind == "block" else None
+                    pf = AllToAll(E, dispatch_dtype=dispatch, capacity=capacity, quant_group_size=group)
+                    ep = MoELayer(None, pf, part)
+                    t_ep = timed(lambda: ep.forward_routed(x, weights, ids), args, device)
+                    if capacity:
+                        pf.check_overflow()
+                    rows.append({"experts": kind, "T": T, "dispatch": "fp8" if dispatch else "bf16",
+                                 "mode": "capacity" if capacity else "variable", "ep_us": t_ep * 1e6,
+                                 "single_us": t_single * 1e6, "ep/single": t_ep / t_single})
     return rows
 
 
@@ -423,7 +430,7 @@ def report(results):
     print(f"\nsaved {results.get('path')}")
     print_table("(a) EP layer vs single device (rel err < 1e-2)", results.get("check", []), ["case", "rel_err", "ok"])
     print_table("(c) whole layer, CutlassFp8Experts: EP vs single GPU (same tokens per rank)",
-                results.get("layer", []), ["T", "dispatch", "mode", "ep_us", "single_us", "ep/single"])
+                results.get("layer", []), ["experts", "T", "dispatch", "mode", "ep_us", "single_us", "ep/single"])
     print_table("(b) dispatch + combine vs two raw all_to_all_single of the same bytes (targets: frac_raw >= 0.6 "
                 "at T=4096; capacity x_raw <= 2 at T=128; fp8 dispatch_MB ~ half of bf16)",
                 results.get("comm", []) + results.get("graph", []),
