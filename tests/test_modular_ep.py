@@ -13,15 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import moe_kernels
-
 from moe_kernels.modular import (AllToAll, CapacityOverflowError, CutlassFp8Experts, MoELayer, SingleGpu,
                                  TorchExperts)
 from moe_kernels.ops.quant import scaled_fp8_quant
 
 FP8 = torch.float8_e4m3fn
-# cutlass_moe_fp8 with e4m3 input and block scales arrive with per_token_group_quant_fp8 (one change).
-HAS_PREQUANTIZED_EXPERTS = hasattr(moe_kernels, "per_token_group_quant_fp8")
 T, E, K, H, I = 37, 8, 2, 128, 32   # H, I multiples of 16 (the FP8 GEMMs); H = one 128-column group
 WORLDS = [2, 4]
 
@@ -92,10 +88,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _needs_prequantized_experts(kind, dispatch):
-    return kind == "block" or (kind == "cutlass" and dispatch == "fp8")
-
-
 def _run_case(rank, world, kind, dispatch, mode):
     x, logits = tokens(rank)
     if kind == "torch" and dispatch == "none":
@@ -121,8 +113,6 @@ def _rank_main(rank, world, port, results):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         for case in CASES:
-            if _needs_prequantized_experts(*case[:2]) and not HAS_PREQUANTIZED_EXPERTS:
-                continue
             try:
                 results[(rank,) + case] = _run_case(rank, world, *case)
             except Exception:  # reported by the test of the case (every rank fails alike: no hang)
@@ -171,8 +161,6 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("kind,dispatch,mode", CASES)
 def test_ep_layer_equals_single_device(ep_results, kind, dispatch, mode):
-    if _needs_prequantized_experts(kind, dispatch) and not HAS_PREQUANTIZED_EXPERTS:
-        pytest.skip("cutlass_moe_fp8 without e4m3 input / block mode (per_token_group_quant_fp8 not built)")
     world, results = ep_results
     for rank in range(world):
         got = results[(rank, kind, dispatch, mode)]
@@ -217,8 +205,6 @@ def test_capacity_needs_two_ranks():
 @pytest.mark.parametrize("dispatch", ["none", "fp8"])
 def test_one_rank_nccl_on_cuda_equals_single_gpu(dispatch):
     """The packed path on the GPU kernels (one rank over NCCL; two ranks: scripts/ep-check.sh)."""
-    if _needs_prequantized_experts("cutlass", dispatch) and not HAS_PREQUANTIZED_EXPERTS:
-        pytest.skip("cutlass_moe_fp8 without e4m3 input (per_token_group_quant_fp8 not built)")
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     try:

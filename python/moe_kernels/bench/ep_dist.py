@@ -32,9 +32,6 @@ from moe_kernels.bench.report import environment as base_environment
 from moe_kernels.modular import AllToAll, CapacityOverflowError, CutlassFp8Experts, MoELayer, SingleGpu, TorchExperts
 
 FP8 = torch.float8_e4m3fn
-# cutlass_moe_fp8 taking e4m3 input and block scales came with per_token_group_quant_fp8: without
-# them the FP8 experts run only on bf16 dispatch (those cases are reported as skipped, ok=None).
-HAS_PREQUANTIZED_EXPERTS = hasattr(moe_kernels, "per_token_group_quant_fp8")
 
 
 # ---------------------------------------------------------------- setup
@@ -173,9 +170,6 @@ def check(args, rank, world, device):
         for dispatch in (None, FP8):
             for capacity in (None, T):
                 name = f"{experts}/{'fp8' if dispatch else 'bf16'}/{'capacity' if capacity else 'variable'}"
-                if not HAS_PREQUANTIZED_EXPERTS and experts != "torch" and (dispatch or experts == "cutlass_block"):
-                    rows.append({"case": name, "rel_err": None, "ok": None})  # skipped: see HAS_PREQUANTIZED_EXPERTS
-                    continue
                 try:
                     group = 128 if dispatch and experts == "cutlass_block" else None
                     pf = AllToAll(E, dispatch_dtype=dispatch, capacity=capacity, quant_group_size=group)
@@ -204,7 +198,7 @@ def check(args, rank, world, device):
     # Overflow: capacity 1 < tokens per rank pair on every rank; on CUDA finalize reports it
     # lazily, check_overflow() at once.
     try:
-        pf = AllToAll(E, dispatch_dtype=FP8 if HAS_PREQUANTIZED_EXPERTS else None, capacity=1)
+        pf = AllToAll(E, dispatch_dtype=FP8, capacity=1)
         try:
             MoELayer(router, pf, fp8_mine)(x, logits)
         except CapacityOverflowError:
@@ -334,9 +328,7 @@ def layer(args, rank, world, device):
     w2, s2 = fp8_weights(E, H, I, device, 8)
     local = E // world
     mine = slice(rank * local, (rank + 1) * local)  # leading-dim slices of contiguous tensors: contiguous
-    kinds = {"per_expert": (s1, s2)}
-    if HAS_PREQUANTIZED_EXPERTS:
-        kinds["block"] = (block_scales(s1, 2 * I, H), block_scales(s2, H, I))
+    kinds = {"per_expert": (s1, s2), "block": (block_scales(s1, 2 * I, H), block_scales(s2, H, I))}
     rows = []
     for kind, (sc1, sc2) in kinds.items():
         full = CutlassFp8Experts(w1, w2, sc1, sc2)
@@ -346,7 +338,7 @@ def layer(args, rank, world, device):
             x = torch.randn(T, H, device=device).to(torch.bfloat16)
             single = MoELayer(None, SingleGpu(E), full)
             t_single = timed(lambda: single.forward_routed(x, weights, ids), args, device)
-            for dispatch in (None, FP8) if HAS_PREQUANTIZED_EXPERTS else (None,):
+            for dispatch in (None, FP8):
                 for capacity in (None, T):
                     group = 128 if dispatch and kind == "block" else None
                     pf = AllToAll(E, dispatch_dtype=dispatch, capacity=capacity, quant_group_size=group)
@@ -412,7 +404,7 @@ def main(argv=None):
             report(results)
     finally:
         dist.destroy_process_group()
-    check_failed = "check" in stages and not all(r["ok"] is not False for r in results.get("check", [{"ok": False}]))
+    check_failed = "check" in stages and not all(r["ok"] for r in results.get("check", [{"ok": False}]))
     return 1 if check_failed or results["errors"] else 0
 
 
@@ -439,9 +431,7 @@ def report(results):
     for stage, err in results["errors"].items():
         print(f"\nSTAGE {stage} FAILED: {err.strip().splitlines()[-1]}")
     if "check" in results:
-        skipped = sum(r["ok"] is None for r in results["check"])
-        print("\nCHECK " + ("PASSED" if all(r["ok"] is not False for r in results["check"]) else "FAILED")
-              + (f" ({skipped} cases skipped: cutlass_moe_fp8 without e4m3 input / block mode)" if skipped else ""))
+        print("\nCHECK " + ("PASSED" if all(r["ok"] for r in results["check"]) else "FAILED"))
 
 
 if __name__ == "__main__":
