@@ -195,18 +195,27 @@ def check(args, rank, world, device):
                     err, ok = float("nan"), False
                 ok = all_ranks(0.0 if ok else 1.0, device) == 0.0
                 rows.append({"case": name, "rel_err": err, "ok": ok})
-    # Overflow: capacity 1 < tokens per rank pair on every rank; on CUDA finalize reports it
-    # lazily, check_overflow() at once.
+    # Overflow: capacity 1 < tokens per rank pair on every rank. finalize raises at the first
+    # host-visible point: the first call on CPU; on CUDA the next call after the counter's copy
+    # landed (the synchronize makes that deterministic here); check_overflow() raises at once.
+    raised_at, checked = None, False
     try:
         pf = AllToAll(E, dispatch_dtype=FP8, capacity=1)
+        ep = MoELayer(router, pf, fp8_mine)
+        for call in range(2):
+            try:
+                ep(x, logits)
+            except CapacityOverflowError as e:
+                raised_at = call if "dropped" in str(e) else None
+                break
+            sync(device)
         try:
-            MoELayer(router, pf, fp8_mine)(x, logits)
+            pf.check_overflow()
         except CapacityOverflowError:
-            pass
-        pf.check_overflow()
-        ok = False
-    except CapacityOverflowError as e:
-        ok = "dropped" in str(e)
+            checked = True
+    except Exception:
+        traceback.print_exc()
+    ok = checked and raised_at == (1 if device.type == "cuda" else 0)
     ok = all_ranks(0.0 if ok else 1.0, device) == 0.0
     rows.append({"case": "capacity overflow raises", "rel_err": None, "ok": ok})
     return rows
