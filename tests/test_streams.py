@@ -49,6 +49,24 @@ def _ep_post_inputs(g):
             8, 23]
 
 
+def _pack_inputs(g):
+    """bf16 rows of 512 bytes and K=4 (8 metadata words): records without padding bytes."""
+    ids = random_topk_ids(300, 4, 32)
+    slots, counts, _ = moe_kernels.ep_dispatch_plan(ids, 8, 4)
+    return [torch.randn(300, 256, generator=g).to(torch.bfloat16), None, torch.rand(300, 4, generator=g), ids, slots,
+            counts, int(counts.sum()), 8, -1]
+
+
+def _unpack_inputs(g):
+    """Records of a capacity (a shape independent of the routing), fp8 rows compared as bytes."""
+    ids = torch.rand(300, 32, generator=g).argsort(1)[:, :4].to(torch.int32).contiguous()
+    slots, counts, _ = moe_kernels.ep_dispatch_plan(ids, 8, 4, 300)
+    x = (torch.randn(300, 256, generator=g) * 10).to(FP8)
+    records = moe_kernels.ep_pack_records(x, torch.rand(300, generator=g), torch.rand(300, 4, generator=g), ids,
+                                          slots, counts, 1200, 8, 300)
+    return [records, 256, FP8, 1, 4]
+
+
 def _offsets(g):
     counts = torch.randint(0, 50, (8,), generator=g)
     return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
@@ -94,6 +112,11 @@ OPS = {
     "ep_pre_reorder_fp8": (lambda g: _ep_inputs(g) + [torch.tensor([0.02]), FP8], moe_kernels.ep_pre_reorder,
                            "ep_pre"),
     "ep_post_reorder": (_ep_post_inputs, moe_kernels.ep_post_reorder, "bf16"),
+    "ep_dispatch_plan": (lambda g: [random_topk_ids(3000, 8, 64), 8, 8, -1], moe_kernels.ep_dispatch_plan, "exact"),
+    "ep_dispatch_plan_capacity": (lambda g: [random_topk_ids(3000, 8, 64), 8, 8, 300], moe_kernels.ep_dispatch_plan,
+                                  "exact"),
+    "ep_pack_records": (_pack_inputs, moe_kernels.ep_pack_records, "exact"),
+    "ep_unpack_records": (_unpack_inputs, moe_kernels.ep_unpack_records, "exact"),
     "scaled_fp8_quant_static": (lambda g: [torch.randn(300, 512, generator=g), torch.tensor([0.01])],
                                 moe_kernels.scaled_fp8_quant, "exact"),
     "scaled_fp8_quant_per_tensor": (lambda g: [torch.randn(300, 512, generator=g)], moe_kernels.scaled_fp8_quant,
