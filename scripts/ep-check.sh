@@ -33,7 +33,8 @@ if [[ " $STAGES " == *" run "* ]]; then
   fi
   # The installed package's module (the repository root has no moe_kernels/ of its own, so the
   # import finds the installed copy, with its _C.so).
-  python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+  # A hung collective ends at the limit (the script takes 1-2 minutes; the JSON is saved per stage).
+  timeout "${LIMIT_S:-600}" python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
     -m moe_kernels.bench.ep_dist "${backend_args[@]}" --results bench/results $ARGS 2>&1 | tee "$OUT/ep_dist.log"
   rc=${PIPESTATUS[0]}
   cp bench/results/bench_ep_dist_*.json "$OUT/" 2>/dev/null
