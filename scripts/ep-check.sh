@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Expert parallelism on two GPUs of one host over NCCL: (a) the EP layer against the single-GPU
 # layer, (b) AllToAll dispatch + combine against raw all_to_all_single of the same bytes, (c) the
-# whole EP layer with FP8 experts against the single-GPU layer. JSON in bench/results/, a short
-# table last. Takes about 2-3 minutes after the build.
+# whole EP layer with FP8 experts against the single-GPU layer, (graph) the fixed-capacity dispatch +
+# combine captured in a CUDA graph against the raw calls captured alike (last). JSON in
+# bench/results/bench_ep_dist_*.json (and $OUT), a short table last. 1-2 minutes after the build.
 #
 #   bash scripts/ep-check.sh                       # build (pip install .) + run on 2 GPUs
 #   STAGES=run bash scripts/ep-check.sh            # the package is already installed
