@@ -1,5 +1,5 @@
 // Block-scaled trial configuration (built with MOE_KERNELS_GEMM_TRIAL=ON), measured against the
-// defaults by bench/bench_gemm_block.py --configs.
+// defaults by python3 -m moe_kernels.bench --ops gemm_block --gemm-configs <names>.
 #include "gemm/grouped_gemm_fp8_blockwise_sm90.cuh"
 
 MOE_KERNELS_GROUPED_GEMM_FP8_BLOCKWISE_DEFINE(block_coop_128x128x128_c2x1, 128, 128, 128, 2, 1,
