@@ -1,4 +1,4 @@
-// Block-scaled trial configuration (built with MOE_KERNELS_GEMM_TRIAL=ON), measured against the
+// Block-scaled trial configuration (built with MOE_KERNELS_GEMM_BLOCK_TRIAL=ON), measured against the
 // defaults by python3 -m moe_kernels.bench --ops gemm_block --gemm-configs <names>.
 #include "gemm/grouped_gemm_fp8_blockwise_sm90.cuh"
 

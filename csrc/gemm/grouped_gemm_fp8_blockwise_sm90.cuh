@@ -25,6 +25,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
+#include "gemm/grouped_gemm_launch.cuh"
 #include "gemm/launchers.h"
 
 namespace moe_kernels {
@@ -47,8 +48,6 @@ using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kScaleBlock, kS
                                                               cute::GMMA::Major::K>;
 using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
 using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
-
-constexpr size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
 // Writes expert e's problem size, operand and scale pointers, strides and scale layouts.
 template <class K>
@@ -101,7 +100,7 @@ struct Kernel {
   using StrideD = typename GemmKernel::InternalStrideD;
   using UnderlyingShape = typename ProblemShape::UnderlyingProblemShape;
 
-  // The per-expert arrays CUTLASS reads, carved from one scratch buffer.
+  // The per-expert arrays CUTLASS reads, carved from one scratch buffer (grouped_gemm_launch.cuh).
   struct Scratch {
     UnderlyingShape* problem_sizes;
     const ElementFp8** ptr_a;
@@ -114,28 +113,12 @@ struct Kernel {
     const float** ptr_sfb;
     LayoutSFA* layout_sfa;
     LayoutSFB* layout_sfb;
+    template <class F>
+    void for_each(F&& f) {
+      f(problem_sizes), f(ptr_a), f(ptr_b), f(ptr_d), f(stride_a), f(stride_b), f(stride_d), f(ptr_sfa), f(ptr_sfb),
+          f(layout_sfa), f(layout_sfb);
+    }
   };
-
-  // Fields in order, each 256-byte aligned; base == nullptr only measures.
-  static size_t layout(void* base, int E, Scratch* s) {
-    size_t used = 0;
-    auto take = [&](auto*& field, size_t elem) {
-      field = reinterpret_cast<std::remove_reference_t<decltype(field)>>(reinterpret_cast<uintptr_t>(base) + used);
-      used += align256(elem * E);
-    };
-    take(s->problem_sizes, sizeof(UnderlyingShape));
-    take(s->ptr_a, sizeof(void*));
-    take(s->ptr_b, sizeof(void*));
-    take(s->ptr_d, sizeof(void*));
-    take(s->stride_a, sizeof(StrideA));
-    take(s->stride_b, sizeof(StrideB));
-    take(s->stride_d, sizeof(StrideD));
-    take(s->ptr_sfa, sizeof(void*));
-    take(s->ptr_sfb, sizeof(void*));
-    take(s->layout_sfa, sizeof(LayoutSFA));
-    take(s->layout_sfb, sizeof(LayoutSFB));
-    return used;
-  }
 
   static typename Gemm::Arguments make_arguments(const GroupedGemmFp8Args& a, const Scratch& s) {
     cutlass::KernelHardwareInfo hw;
@@ -152,32 +135,8 @@ struct Kernel {
     return args;
   }
 
-  static size_t scratch_bytes(int E) {
-    Scratch s;
-    return layout(nullptr, E, &s);
-  }
-
-  static size_t workspace_bytes(int sm_count) {
-    GroupedGemmFp8Args a{};
-    a.sm_count = sm_count;
-    a.num_experts = 1;
-    Scratch s{};
-    return Gemm::get_workspace_size(make_arguments(a, s));
-  }
-
-  static const char* launch(const GroupedGemmFp8Args& a, cudaStream_t stream) {
-    if (a.num_experts == 0) return "";
-    Scratch s;
-    layout(a.scratch, a.num_experts, &s);
+  static void launch_args(const GroupedGemmFp8Args& a, const Scratch& s, cudaStream_t stream) {
     build_blockwise_args_kernel<Kernel><<<(a.num_experts + 127) / 128, 128, 0, stream>>>(a, s);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return cudaGetErrorString(err);
-    Gemm gemm;
-    const auto args = make_arguments(a, s);
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS cannot implement these arguments";
-    if (gemm.initialize(args, a.workspace, stream) != cutlass::Status::kSuccess) return "CUTLASS initialize failed";
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return "CUTLASS run failed";
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return cudaGetErrorString(err);
-    return "";
   }
 };
 
@@ -193,9 +152,5 @@ struct Kernel {
   using GroupedGemmFp8_##name = grouped_gemm_fp8_blockwise::Kernel<                                               \
       cute::Shape<cute::Int<TILE_M>, cute::Int<TILE_N>, cute::Int<TILE_K>>,                                      \
       cute::Shape<cute::Int<CLUSTER_M>, cute::Int<CLUSTER_N>, cute::_1>, KERNEL, EPILOGUE>;                       \
-  size_t grouped_gemm_fp8_##name##_scratch_bytes(int E) { return GroupedGemmFp8_##name::scratch_bytes(E); }       \
-  size_t grouped_gemm_fp8_##name##_workspace_bytes(int sms) { return GroupedGemmFp8_##name::workspace_bytes(sms); } \
-  const char* launch_grouped_gemm_fp8_##name(const GroupedGemmFp8Args& a, cudaStream_t stream) {                  \
-    return GroupedGemmFp8_##name::launch(a, stream);                                                              \
   }                                                                                                               \
-  }  // namespace moe_kernels
+  MOE_KERNELS_GROUPED_GEMM_FP8_ENTRY_POINTS(name)

@@ -7,13 +7,11 @@ gemm1: N = 2I, K = H; gemm2: N = H, K = I. Context.gemm_configs forces compiled 
 (MOE_KERNELS_GEMM_CONFIG, read on the host at capture time); None is the automatic choice.
 """
 
-import os
-
 import torch
 
 import moe_kernels
 
-from .harness import FP8, Context
+from .harness import FP8, Context, forced_gemm_config
 
 TOKENS = [16, 128, 1024, 4096, 16384]
 QUICK_TOKENS = [16, 1024, 4096]
@@ -48,9 +46,7 @@ def gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets):
     gemm = moe_kernels.cutlass_grouped_gemm_fp8
     rows = []
     for config in ctx.gemm_configs:
-        if config:
-            os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
-        try:
+        with forced_gemm_config(config):
             t = ctx.measure({
                 "tensor": lambda: gemm(a8, b8, a_s, b_s, offsets),
                 "rowwise": lambda: gemm(a8, b8, sa, sb, offsets),
@@ -58,8 +54,6 @@ def gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets):
                     a8, b8t, sa, sb, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True),
                 "torch_grouped_mm_bf16": lambda: torch._grouped_mm(a16, b16t, offs=offs),
             })
-        finally:
-            os.environ.pop("MOE_KERNELS_GEMM_CONFIG", None)
         peers = [k for k in t if k.startswith("torch")]
         for ours in ("tensor", "rowwise"):
             rows.append(ctx.row(name if ours == "tensor" else f"{name}_rowwise", m, T, t, 2 * M * N * K, "fp8",
@@ -68,12 +62,8 @@ def gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets):
 
 
 def run(ctx: Context) -> list:
-    rows, current, w = [], None, None
-    for m, T in ctx.grid(TOKENS, QUICK_TOKENS):
-        if m is not current:
-            current, w = m, None
-            torch.cuda.empty_cache()
-            w = weights(m)
+    rows = []
+    for m, T, w in ctx.grid_with(TOKENS, QUICK_TOKENS, weights):
         offsets, _ = routed_offsets(T, m.K, m.E)
         for name, (N, K, b16, b8) in w.items():
             rows += gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets)

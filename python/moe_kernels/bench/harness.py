@@ -11,7 +11,9 @@ contender that cannot be captured (it syncs the host) is timed eagerly, launch g
 the row says so.
 """
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -213,6 +215,19 @@ class Context:
                 yield model, T
             torch.cuda.empty_cache()
 
+    def grid_with(self, full: Sequence[int], quick: Sequence[int], setup: Callable[[Model], object],
+                  skip: Callable[[Model], bool] = lambda m: False) -> Iterator[Tuple[Model, int, object]]:
+        """grid(), with setup(model) (its weights) made once per model and freed before the next."""
+        current, state = None, None
+        for model, T in self.grid(full, quick):
+            if skip(model):
+                continue
+            if model is not current:
+                current, state = model, None
+                torch.cuda.empty_cache()
+                state = setup(model)
+            yield model, T, state
+
     def ceiling(self, name: str) -> float:
         if name not in self.ceilings:
             self.ceilings[name], self.ceiling_details[name] = CEILINGS[name][0]()
@@ -253,3 +268,15 @@ class Context:
             r["timing_notes"] = dict(times.notes)
         r.update(extra)
         return r
+
+
+@contextlib.contextmanager
+def forced_gemm_config(config: Optional[str]):
+    """MOE_KERNELS_GEMM_CONFIG=config inside the block (None: the automatic choice). The op reads it
+    on the host at each call, so a graph captured inside keeps the configuration."""
+    if config:
+        os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
+    try:
+        yield
+    finally:
+        os.environ.pop("MOE_KERNELS_GEMM_CONFIG", None)

@@ -139,11 +139,4 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2):
 
 
 def run(ctx: Context) -> list:
-    rows, current, w = [], None, None
-    for m, T in ctx.grid(TOKENS, QUICK_TOKENS):
-        if m is not current:
-            current, w = m, None
-            torch.cuda.empty_cache()
-            w = weights(m)
-        rows.append(layer_row(ctx, m, T, *w))
-    return rows
+    return [layer_row(ctx, m, T, *w) for m, T, w in ctx.grid_with(TOKENS, QUICK_TOKENS, weights)]

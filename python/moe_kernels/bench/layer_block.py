@@ -63,13 +63,7 @@ def rows(ctx, m, T, w1b, w2b, w1, w2, s1, s2):
 
 
 def run(ctx: Context) -> list:
-    out, current, w = [], None, None
-    for m, T in ctx.grid(TOKENS, QUICK_TOKENS):
-        if m.H % BLOCK or m.I % BLOCK:
-            continue
-        if m is not current:
-            current, w = m, None
-            torch.cuda.empty_cache()
-            w = weights(m)
+    out = []
+    for m, T, w in ctx.grid_with(TOKENS, QUICK_TOKENS, weights, skip=lambda m: m.H % BLOCK or m.I % BLOCK):
         out += rows(ctx, m, T, *w)
     return out
