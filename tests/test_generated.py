@@ -606,6 +606,16 @@ def test_layer_generated_cpu_matches_reference(case):
     assert rel_error(out, want) < 3e-2
 
 
+# CUDA against CPU through a whole fp8 layer. The two paths sum GEMM1 in different orders, so a bf16
+# rounding of GEMM1's output can differ; the intermediate is then requantized to e4m3, where such a
+# flip moves a value by up to half an e4m3 step (2^-4 relative), and a changed group or token amax
+# moves every value of its group. On the generated shapes (as few as one token and one 128-wide
+# group) nothing averages these out: e4m3 rounding noise over all of a group is ~2^-4/sqrt(3) = 3.6%
+# rms, measured up to 3.2% (one token, I=48) and 2.5% (block mode, one group). Hence 5e-2 here; the
+# hand-written layer tests keep their tighter bounds on shapes large enough to average.
+CUDA_VS_CPU_LAYER_TOL = 5e-2
+
+
 def check_layer_cuda_matches_cpu(case):
     T, K, E, mode, id_dtype, H, I, local, per_act_token, per_out_ch, static, seed = case
     args = make_layer_inputs(*case)
@@ -613,7 +623,7 @@ def check_layer_cuda_matches_cpu(case):
     poison_cuda_allocator(0xFF)
     out = run_layer(to_cuda(*args), per_act_token, per_out_ch, local).cpu()
     assert not out.isnan().any()
-    assert rel_error(out, want) < 3e-2  # GEMM accumulation orders differ; e4m3 roundings may flip
+    assert rel_error(out, want) < CUDA_VS_CPU_LAYER_TOL
 
 
 @pytest.mark.cuda
@@ -678,7 +688,7 @@ def check_block_layer_cuda_matches_cpu(case):
     poison_cuda_allocator(0xFF)
     out = run_block_layer(to_cuda(*args), local).cpu()
     assert not out.isnan().any()
-    assert rel_error(out, want) < BLOCK_LAYER_TOL
+    assert rel_error(out, want) < CUDA_VS_CPU_LAYER_TOL
 
 
 @pytest.mark.cuda
