@@ -247,3 +247,38 @@ def test_bad_inputs_raise_clear_errors():
     records = moe_kernels.ep_pack_records(x, scales, w, ids, slots, counts, 8, epr, 4)
     with pytest.raises(RuntimeError, match=r"ep_unpack_records: records must be \[N, \d+\]"):
         moe_kernels.ep_unpack_records(records, x.shape[1], torch.bfloat16, 8, K)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs_are_named(device):
+    T, W, epr, K = 6, 2, 4, 2
+    x, scales, w, ids = [t.to(device) for t in make_problem(T, K, W, epr, 1, torch.bfloat16)]
+    with pytest.raises(RuntimeError, match="ep_dispatch_plan: topk_ids must be contiguous"):
+        moe_kernels.ep_dispatch_plan(ids.t().contiguous().t(), epr, W)
+    slots, counts, _ = moe_kernels.ep_dispatch_plan(ids, epr, W, 4)
+    pack = moe_kernels.ep_pack_records
+    with pytest.raises(RuntimeError, match="ep_pack_records: x must be contiguous"):
+        pack(x.t().contiguous().t(), scales, w, ids, slots, counts, 8, epr, 4)
+    with pytest.raises(RuntimeError, match="ep_pack_records: topk_weights must be contiguous"):
+        pack(x, scales, w.t().contiguous().t(), ids, slots, counts, 8, epr, 4)
+    with pytest.raises(RuntimeError, match="ep_pack_records: slots must be contiguous"):
+        pack(x, scales, w, ids, slots.t().contiguous().t(), counts, 8, epr, 4)
+    records = pack(x, scales, w, ids, slots, counts, 8, epr, 4)
+    with pytest.raises(RuntimeError, match="ep_unpack_records: records must be contiguous"):
+        moe_kernels.ep_unpack_records(records[:, :].t().contiguous().t(), x.shape[1], torch.bfloat16, 1, K)
+    with pytest.raises(RuntimeError, match="ep_unpack_records: records must be uint8, got Float"):
+        moe_kernels.ep_unpack_records(records.float(), x.shape[1], torch.bfloat16, 1, K)
+
+
+@pytest.mark.cuda
+def test_inputs_on_another_device_are_named():
+    T, W, epr, K = 6, 2, 4, 2
+    x, scales, w, ids = [t.cuda() for t in make_problem(T, K, W, epr, 1, torch.bfloat16)]
+    slots, counts, _ = moe_kernels.ep_dispatch_plan(ids, epr, W, 4)
+    pack = moe_kernels.ep_pack_records
+    with pytest.raises(RuntimeError, match="ep_pack_records: topk_ids must be on cuda:0, got cpu"):
+        pack(x, scales, w, ids.cpu(), slots, counts, 8, epr, 4)
+    with pytest.raises(RuntimeError, match="ep_pack_records: scales must be on cuda:0, got cpu"):
+        pack(x, scales.cpu(), w, ids, slots, counts, 8, epr, 4)
+    with pytest.raises(RuntimeError, match="ep_pack_records: counts must be on cuda:0, got cpu"):
+        pack(x, scales, w, ids, slots, counts.cpu(), 8, epr, 4)

@@ -174,3 +174,26 @@ def test_rejects_bad_block_arguments(device):
     a48 = a[:, :48].contiguous()
     with pytest.raises(RuntimeError, match="block-scaled .3-D b_scales. needs K to be a multiple of 128, got K=48"):
         gemm(a48, b[:, :, :48].contiguous(), a_s[:, :1].contiguous(), b_s[:, :, :1].contiguous(), off)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_scales_layout_is_checked(device):
+    """Block scales are read row-major by the kernel: a transposed view is refused, not misread."""
+    a, b, a_s, b_s, off = make_problem([3, 5], 256, 256, device)
+    gemm = moe_kernels.cutlass_grouped_gemm_fp8
+    with pytest.raises(RuntimeError, match="cutlass_grouped_gemm_fp8: a_scales must be contiguous"):
+        gemm(a, b, a_s.t().contiguous().t(), b_s, off)
+    with pytest.raises(RuntimeError, match="cutlass_grouped_gemm_fp8: b_scales must be contiguous"):
+        gemm(a, b, a_s, b_s.transpose(1, 2).contiguous().transpose(1, 2), off)
+    with pytest.raises(RuntimeError, match="cutlass_grouped_gemm_fp8: b_scales must be float32, got Half"):
+        gemm(a, b, a_s, b_s.half(), off)
+
+
+@pytest.mark.cuda
+def test_block_scales_on_another_device_are_named():
+    a, b, a_s, b_s, off = make_problem([3, 5], 256, 256, "cuda")
+    gemm = moe_kernels.cutlass_grouped_gemm_fp8
+    with pytest.raises(RuntimeError, match=r"b_scales must be on cuda:0 \(as a\), got cpu"):
+        gemm(a, b, a_s, b_s.cpu(), off)
+    with pytest.raises(RuntimeError, match=r"a_scales must be on cuda:0 \(as a\), got cpu"):
+        gemm(a, b, a_s.cpu(), b_s, off)
