@@ -158,8 +158,13 @@ at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tenso
   const at::Tensor gemm1_scales = a1_per_tensor ? a1s : permuted_scales;  // [1], [M, 1] or [M, H/128]
 
   at::Tensor h1 = cutlass_grouped_gemm_fp8(permuted, w1, gemm1_scales, w1s, offsets);  // [M, 2I] bf16
+  // Each intermediate is released once consumed, so that the caching allocator reuses its memory for
+  // the next one: the peak holds GEMM1's output or GEMM2's, not every step's at once.
+  x_q.reset();
+  permuted.reset();
   auto [y_q, a2s] = block ? silu_and_mul_quant_fp8(h1, std::nullopt, false, kBlock)   // [M, I], [M, I/128]
                           : silu_and_mul_quant_fp8(h1, a2_scale, per_act_token);    // [M, I], [1] or [M, 1]
+  h1.reset();
   at::Tensor h2 = cutlass_grouped_gemm_fp8(y_q, w2, a2s, w2s, offsets);  // [M, H] bf16
   at::Tensor out = moe_unpermute(h2, weights, inv);
   // Quantized input has no dtype of its own to return to: the output stays bfloat16.
