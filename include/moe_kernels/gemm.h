@@ -1,4 +1,7 @@
 // Public C++ API of the FP8 grouped GEMM and the CUTLASS MoE layer (through the dispatcher).
+// Header-only: every function calls its op through the PyTorch dispatcher and is compiled into your
+// extension against your torch; _C.so (built on torch's stable ABI) exports no C++ symbol.
+// `import moe_kernels` (or load _C.so) before the first call.
 #pragma once
 
 #include <ATen/core/Tensor.h>

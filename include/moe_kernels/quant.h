@@ -1,6 +1,9 @@
 // Public C++ API of the FP8 quantization ops. Each call goes through the PyTorch dispatcher, so it
 // runs the CUDA or CPU implementation by the inputs' device, exactly as torch.ops.moe_kernels.<op>
 // does. Contracts (shapes, dtypes, meaning): docs/ops.md and the Python docstrings.
+// Header-only: every function calls its op through the PyTorch dispatcher and is compiled into your
+// extension against your torch; _C.so (built on torch's stable ABI) exports no C++ symbol.
+// `import moe_kernels` (or load _C.so) before the first call.
 #pragma once
 
 #include <ATen/core/Tensor.h>
