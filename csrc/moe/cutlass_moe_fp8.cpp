@@ -1,6 +1,7 @@
 // cutlass_moe_fp8: the FP8 expert computation of an MoE layer composed from the library's ops
-// (quantize -> permute rows with their scales -> grouped GEMM1 -> silu*mul + quantize -> grouped
-// GEMM2 -> weighted unpermute), with per-tensor / per-token activation scales and per-expert /
+// (quantize -> permute rows with their scales -> grouped GEMM1 -> (+ w1_bias) gated activation
+// (silu, gelu or swigluoai; gate/up halves or interleaved) + quantize -> grouped GEMM2 -> (+
+// w2_bias) weighted unpermute), with per-tensor / per-token activation scales and per-expert /
 // per-channel weight scales, or in block mode (3-D weight scales: one per 128x128 block;
 // activations quantized per token per 128 columns). Every step calls the public API through the
 // dispatcher, so the same composition runs on CUDA and, with the CPU references, on the CPU
@@ -14,6 +15,7 @@
 #include "moe_kernels/gemm.h"
 #include "moe_kernels/permute.h"
 #include "moe_kernels/quant.h"
+#include "quant/checks.h"
 
 namespace moe_kernels {
 namespace {
@@ -26,9 +28,12 @@ constexpr int64_t kBlock = 128;
 // weight_scale_inv as stored (gate blocks first, as w1's rows); H and I multiples of 128.
 void check_block_mode(const char* op, const at::Tensor& w1_scale, const at::Tensor& w2_scale, int64_t E, int64_t H,
                       int64_t I, const std::optional<at::Tensor>& a2_scale, bool per_act_token, bool per_out_ch) {
+  // One weight scale per whole 128x128 block (the other modes need multiples of 16 only).
   TORCH_CHECK(H % kBlock == 0, op, ": block mode (3-D weight scales) needs H (hidden_states.size(1)) to be a ",
-              "multiple of 128, got H=", H);
-  TORCH_CHECK(I % kBlock == 0, op, ": block mode (3-D weight scales) needs I (w2.size(2)) to be a multiple of 128, ",
+              "multiple of 128 (whole 128x128 weight blocks; the per-tensor, per-token and per-channel modes need ",
+              "multiples of 16), got H=", H);
+  TORCH_CHECK(I % kBlock == 0, op, ": block mode (3-D weight scales) needs I (w2.size(2)) to be a multiple of 128 ",
+              "(whole 128x128 weight blocks; the per-tensor, per-token and per-channel modes need multiples of 16), ",
               "got I=", I);
   const std::vector<int64_t> want1{E, 2 * I / kBlock, H / kBlock};
   const std::vector<int64_t> want2{E, H / kBlock, I / kBlock};
@@ -71,13 +76,31 @@ bool check_prequantized_scale(const char* op, const std::optional<at::Tensor>& a
   return per_tensor;
 }
 
+// w1_bias [E_local, 2I] and w2_bias [E_local, H], float32 on the weights' device. They are not
+// added in the GEMM epilogues: w1_bias inside the activation kernel (before the activation) and
+// w2_bias inside the weighted unpermute (before the routing weight), both in fp32, on GEMM
+// outputs already rounded to bf16 (the one difference from an in-epilogue bias).
+void check_bias(const char* op, const char* name, const std::optional<at::Tensor>& bias, int64_t E, int64_t N,
+                const char* shape, const at::Tensor& w) {
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == N, op, ": ", name, " must be ", shape, " = [", E, ", ",
+              N, "], got shape ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", b.scalar_type());
+  TORCH_CHECK(b.device() == w.device(), op, ": ", name, " must be on ", w.device(), " (as the weights), got ",
+              b.device());
+}
+
 at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tensor& w1, const at::Tensor& w2,
                                 const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& w1_scale,
                                 const at::Tensor& w2_scale, const std::optional<at::Tensor>& a1_scale,
                                 const std::optional<at::Tensor>& a2_scale, bool per_act_token, bool per_out_ch,
                                 const std::optional<at::Tensor>& expert_map, int64_t num_local_experts,
-                                bool apply_router_weight_on_input) {
+                                bool apply_router_weight_on_input, c10::string_view activation,
+                                bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
+                                const std::optional<at::Tensor>& w1_bias, const std::optional<at::Tensor>& w2_bias) {
   const char* op = "cutlass_moe_fp8";
+  parse_activation(op, activation);  // an unknown name fails here, naming this op
   TORCH_CHECK(hidden_states.dim() == 2, op, ": hidden_states must be 2-D [T, H], got shape ", hidden_states.sizes());
   const auto in_dtype = hidden_states.scalar_type();
   const bool prequantized = in_dtype == at::kFloat8_e4m3fn;
@@ -96,6 +119,8 @@ at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tenso
   TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes() && topk_ids.dim() == 2 && topk_ids.size(0) == T, op,
               ": topk_weights and topk_ids must be [T, K] with T=", T, ", got ", topk_weights.sizes(), " and ",
               topk_ids.sizes());
+  check_bias(op, "w1_bias", w1_bias, E_local, 2 * I, "[E_local, 2I]", w1);
+  check_bias(op, "w2_bias", w2_bias, E_local, H, "[E_local, H]", w2);
 
   // Block mode is chosen by 3-D weight scales; otherwise [E] per expert or [E, N] per channel.
   const bool block = w1_scale.dim() == 3 || w2_scale.dim() == 3;
@@ -106,6 +131,13 @@ at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tenso
     TORCH_CHECK(prequantized || !a1_scale.has_value(), op, ": a1_scale must be None in block mode with ",
                 in_dtype, " hidden_states (activation scales are computed per token per 128 columns)");
   } else {
+    // The grouped GEMM's TMA loads need 16-byte aligned rows: K (H for GEMM1, I for GEMM2) a
+    // multiple of 16 e4m3 values; its bf16 outputs (2I and H columns) then are too. No other rule:
+    // tiles cover partial blocks (gpt-oss's H = I = 2880 is 22.5 tiles of 128).
+    TORCH_CHECK(H % 16 == 0 && H > 0, op, ": H (hidden_states.size(1)) must be a positive multiple of 16 (16-byte ",
+                "aligned rows of e4m3 for the grouped GEMM's TMA loads), got H=", H);
+    TORCH_CHECK(I % 16 == 0 && I > 0, op, ": I (w2.size(2)) must be a positive multiple of 16 (16-byte aligned rows ",
+                "of e4m3 for the grouped GEMM's TMA loads), got I=", I);
     // [E] per expert, or [E, N] per output channel (as [E, N] or [E, N, 1]).
     w1s = per_out_ch ? w1_scale.reshape({E_local, -1}) : w1_scale.reshape({-1});
     w2s = per_out_ch ? w2_scale.reshape({E_local, -1}) : w2_scale.reshape({-1});
@@ -162,11 +194,17 @@ at::Tensor cutlass_moe_fp8_impl(const at::Tensor& hidden_states, const at::Tenso
   // the next one: the peak holds GEMM1's output or GEMM2's, not every step's at once.
   x_q.reset();
   permuted.reset();
-  auto [y_q, a2s] = block ? silu_and_mul_quant_fp8(h1, std::nullopt, false, kBlock)   // [M, I], [M, I/128]
-                          : silu_and_mul_quant_fp8(h1, a2_scale, per_act_token);    // [M, I], [1] or [M, 1]
+  // The activation of GEMM1's rows (+ w1_bias of each row's expert) fused with their quantization:
+  // [M, I] e4m3 with [M, I/128] (block), [1] or [M, 1] scales.
+  const std::optional<at::Tensor> act_offsets = w1_bias ? std::optional<at::Tensor>(offsets) : std::nullopt;
+  const std::optional<at::Tensor> w1b = w1_bias ? std::optional<at::Tensor>(w1_bias->contiguous()) : std::nullopt;
+  auto [y_q, a2s] = silu_and_mul_quant_fp8(h1, block ? std::nullopt : a2_scale, block ? false : per_act_token,
+                                           block ? kBlock : 0, activation, gate_up_interleaved, swiglu_alpha,
+                                           swiglu_limit, w1b, act_offsets);
   h1.reset();
   at::Tensor h2 = cutlass_grouped_gemm_fp8(y_q, w2, a2s, w2s, offsets);  // [M, H] bf16
-  at::Tensor out = moe_unpermute(h2, weights, inv);
+  const std::optional<at::Tensor> w2b = w2_bias ? std::optional<at::Tensor>(w2_bias->contiguous()) : std::nullopt;
+  at::Tensor out = moe_unpermute(h2, weights, inv, w2b, w2_bias ? std::optional<at::Tensor>(offsets) : std::nullopt);
   // Quantized input has no dtype of its own to return to: the output stays bfloat16.
   return prequantized ? out : out.to(in_dtype);
 }
@@ -178,12 +216,15 @@ at::Tensor cutlass_moe_fp8(const at::Tensor& hidden_states, const at::Tensor& w1
                            const at::Tensor& w2_scale, const std::optional<at::Tensor>& a1_scale,
                            const std::optional<at::Tensor>& a2_scale, bool per_act_token, bool per_out_ch,
                            const std::optional<at::Tensor>& expert_map, int64_t num_local_experts,
-                           bool apply_router_weight_on_input) {
+                           bool apply_router_weight_on_input, c10::string_view activation, bool gate_up_interleaved,
+                           double swiglu_alpha, double swiglu_limit, const std::optional<at::Tensor>& w1_bias,
+                           const std::optional<at::Tensor>& w2_bias) {
   static auto handle = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("moe_kernels::cutlass_moe_fp8", "")
                            .typed<decltype(cutlass_moe_fp8)>();
   return handle.call(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale, a2_scale,
-                     per_act_token, per_out_ch, expert_map, num_local_experts, apply_router_weight_on_input);
+                     per_act_token, per_out_ch, expert_map, num_local_experts, apply_router_weight_on_input,
+                     activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, w1_bias, w2_bias);
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) { m.impl("cutlass_moe_fp8", &cutlass_moe_fp8_impl); }

@@ -103,6 +103,28 @@ void check_weighted_gather_args(const char* op, const char* rows_name, const at:
               topk_weights.device());
 }
 
+void check_unpermute_bias(const char* op, const at::Tensor& permuted, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& expert_offsets) {
+  TORCH_CHECK(bias.has_value() == expert_offsets.has_value(), op,
+              ": bias and expert_offsets go together (bias [E, H] per expert, expert_offsets [E + 1] its rows), got ",
+              bias.has_value() ? "bias without expert_offsets" : "expert_offsets without bias");
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  const at::Tensor& off = *expert_offsets;
+  TORCH_CHECK(off.dim() == 1 && off.size(0) >= 1, op, ": expert_offsets must be 1-D [E + 1], got shape ", off.sizes());
+  TORCH_CHECK(off.scalar_type() == at::kLong, op, ": expert_offsets must be int64, got ", off.scalar_type());
+  TORCH_CHECK(off.is_contiguous(), op, ": expert_offsets must be contiguous");
+  TORCH_CHECK(off.device() == permuted.device(), op, ": expert_offsets must be on ", permuted.device(),
+              " (as permuted), got ", off.device());
+  const int64_t E = off.size(0) - 1;
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == permuted.size(1), op, ": bias must be [E, H] = [", E,
+              ", ", permuted.size(1), "] (E from expert_offsets, H from permuted), got shape ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == at::kFloat, op, ": bias must be float32, got ", b.scalar_type());
+  TORCH_CHECK(b.is_contiguous(), op, ": bias must be contiguous");
+  TORCH_CHECK(b.device() == permuted.device(), op, ": bias must be on ", permuted.device(), " (as permuted), got ",
+              b.device());
+}
+
 void check_problem_sizes_args(const at::Tensor& expert_offsets, int64_t n, int64_t k) {
   const char* op = "compute_problem_sizes";
   TORCH_CHECK(expert_offsets.dim() == 1 && expert_offsets.size(0) >= 1, op,

@@ -73,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
 
 at::Tensor weighted_gather(const char* op, const at::Tensor& rows, const at::Tensor& topk_weights,
                            const at::Tensor& index, const std::optional<at::Tensor>& topk_ids, int64_t start_expert,
-                           int64_t end_expert) {
+                           int64_t end_expert, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& expert_offsets) {
   const c10::cuda::CUDAGuard guard(rows.device());
   auto out = at::empty({index.size(0), rows.size(1)}, rows.options());
   WeightedGatherArgs a{};
@@ -91,15 +92,22 @@ at::Tensor weighted_gather(const char* op, const at::Tensor& rows, const at::Ten
   a.topk = static_cast<int>(index.size(1));
   a.hidden = rows.size(1);
   a.num_rows = rows.size(0);
+  if (bias) {
+    a.bias = bias->data_ptr<float>();
+    a.expert_offsets = expert_offsets->data_ptr<int64_t>();
+    a.num_experts = bias->size(0);
+  }
   check_launch(launch_weighted_gather(a, current_stream()), op);
   return out;
 }
 
 at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
-                         const at::Tensor& inv_permuted_idx) {
+                         const at::Tensor& inv_permuted_idx, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& expert_offsets) {
   const char* op = "moe_unpermute";
   check_weighted_gather_args(op, "permuted", permuted, topk_weights, inv_permuted_idx, "inv_permuted_idx");
-  return weighted_gather(op, permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0);
+  check_unpermute_bias(op, permuted, bias, expert_offsets);
+  return weighted_gather(op, permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0, bias, expert_offsets);
 }
 
 std::tuple<at::Tensor, at::Tensor> compute_problem_sizes(const at::Tensor& expert_offsets, int64_t n, int64_t k,
@@ -136,10 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
 }
 
 at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
-                         const at::Tensor& inv_permuted_idx) {
+                         const at::Tensor& inv_permuted_idx, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& expert_offsets) {
   static auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("moe_kernels::moe_unpermute", "")
                            .typed<decltype(moe_unpermute)>();
-  return handle.call(permuted, topk_weights, inv_permuted_idx);
+  return handle.call(permuted, topk_weights, inv_permuted_idx, bias, expert_offsets);
 }
 
 std::tuple<at::Tensor, at::Tensor> compute_problem_sizes(const at::Tensor& expert_offsets, int64_t n, int64_t k,

@@ -1,6 +1,8 @@
 #include <cstring>
 #include <vector>
 
+#include "common/portable_math.h"
+#include "common/row_expert.h"
 #include "permute/checks.h"
 #include "permute/cpu_reference.h"
 
@@ -95,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
 }
 
 at::Tensor weighted_gather(const at::Tensor& rows, const at::Tensor& topk_weights, const at::Tensor& index,
-                           const std::optional<at::Tensor>& topk_ids, int64_t start_expert, int64_t end_expert) {
+                           const std::optional<at::Tensor>& topk_ids, int64_t start_expert, int64_t end_expert,
+                           const float* bias, const int64_t* expert_offsets, int64_t num_experts) {
   const int64_t T = index.size(0);
   const int64_t K = index.size(1);
   const int64_t R = rows.size(0);
@@ -115,17 +118,27 @@ at::Tensor weighted_gather(const at::Tensor& rows, const at::Tensor& topk_weight
       const int32_t r = ip[flat];
       if (r < 0 || r >= R) continue;  // dropped (or a bad index: skipped, as on the GPU)
       if (idp && (idp[flat] < start_expert || idp[flat] > end_expert)) continue;
-      for (int64_t h = 0; h < H; ++h) out[t * H + h] = std::fma(wp[flat], xp[r * H + h], out[t * H + h]);
+      // The bias of the expert owning row r (none past the last expert's rows), added in fp32.
+      const int64_t e = bias ? row_expert(expert_offsets, num_experts, r) : -1;
+      const float* b = e >= 0 ? bias + e * H : nullptr;
+      for (int64_t h = 0; h < H; ++h) {
+        const float v = b ? pmath::add_rn(xp[r * H + h], b[h]) : xp[r * H + h];
+        out[t * H + h] = std::fma(wp[flat], v, out[t * H + h]);
+      }
     }
   }
   return acc.to(rows.scalar_type());
 }
 
 at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
-                         const at::Tensor& inv_permuted_idx) {
+                         const at::Tensor& inv_permuted_idx, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& expert_offsets) {
   check_weighted_gather_args("moe_unpermute", "permuted", permuted, topk_weights, inv_permuted_idx,
                              "inv_permuted_idx");
-  return weighted_gather(permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0);
+  check_unpermute_bias("moe_unpermute", permuted, bias, expert_offsets);
+  return weighted_gather(permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0,
+                         bias ? bias->data_ptr<float>() : nullptr,
+                         expert_offsets ? expert_offsets->data_ptr<int64_t>() : nullptr, bias ? bias->size(0) : 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> compute_problem_sizes(const at::Tensor& expert_offsets, int64_t n, int64_t k,

@@ -11,6 +11,7 @@ namespace moe_kernels::cuda {
 
 at::Tensor weighted_gather(const char* op, const at::Tensor& rows, const at::Tensor& topk_weights,
                            const at::Tensor& index, const std::optional<at::Tensor>& topk_ids, int64_t start_expert,
-                           int64_t end_expert);
+                           int64_t end_expert, const std::optional<at::Tensor>& bias = std::nullopt,
+                           const std::optional<at::Tensor>& expert_offsets = std::nullopt);
 
 }  // namespace moe_kernels::cuda

@@ -41,4 +41,42 @@ void check_silu_and_mul_mode(const std::optional<at::Tensor>& scale, bool per_to
               group_size, " columns), got True");
 }
 
+GatedActivation parse_activation(const char* op, std::string_view name) {
+  if (name == "silu") return GatedActivation::kSilu;
+  if (name == "gelu") return GatedActivation::kGelu;
+  if (name == "swigluoai") return GatedActivation::kSwigluOai;
+  TORCH_CHECK(false, op, ": activation must be \"silu\", \"gelu\" or \"swigluoai\", got \"", name, "\"");
+}
+
+GatedActSpec check_gated_act_args(const char* op, const QuantShape& s, const at::Tensor& x, std::string_view activation,
+                                  bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& expert_offsets) {
+  GatedActSpec spec;
+  spec.activation = parse_activation(op, activation);
+  spec.interleaved = gate_up_interleaved;
+  spec.swiglu_alpha = static_cast<float>(swiglu_alpha);
+  spec.swiglu_limit = static_cast<float>(swiglu_limit);
+  TORCH_CHECK(bias.has_value() == expert_offsets.has_value(), op,
+              ": bias and expert_offsets go together (bias [E, 2I] per expert, expert_offsets [E + 1] its rows), got ",
+              bias.has_value() ? "bias without expert_offsets" : "expert_offsets without bias");
+  if (!bias.has_value()) return spec;
+  const at::Tensor& b = *bias;
+  const at::Tensor& off = *expert_offsets;
+  TORCH_CHECK(off.dim() == 1 && off.size(0) >= 1, op, ": expert_offsets must be 1-D [E + 1], got shape ", off.sizes());
+  TORCH_CHECK(off.scalar_type() == at::kLong, op, ": expert_offsets must be int64, got ", off.scalar_type());
+  TORCH_CHECK(off.is_contiguous(), op, ": expert_offsets must be contiguous");
+  TORCH_CHECK(off.device() == x.device(), op, ": expert_offsets must be on ", x.device(), " (as x), got ", off.device());
+  const int64_t E = off.size(0) - 1;
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == 2 * s.cols, op, ": bias must be [E, 2I] = [", E, ", ",
+              2 * s.cols, "] (E from expert_offsets, 2I from x), got shape ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == at::kFloat, op, ": bias must be float32, got ", b.scalar_type());
+  TORCH_CHECK(b.is_contiguous(), op, ": bias must be contiguous");
+  TORCH_CHECK(b.device() == x.device(), op, ": bias must be on ", x.device(), " (as x), got ", b.device());
+  spec.bias = b.data_ptr<float>();
+  spec.expert_offsets = off.data_ptr<int64_t>();
+  spec.num_experts = E;
+  return spec;
+}
+
 }  // namespace moe_kernels

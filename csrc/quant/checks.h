@@ -5,6 +5,9 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string_view>
+
+#include "quant/gated_act.h"
 
 namespace moe_kernels {
 
@@ -25,5 +28,16 @@ int64_t check_group_size(const char* op, const QuantShape& s, int64_t group_size
 // silu_and_mul_quant_fp8's scale mode: group_size > 0 (dynamic per group) excludes a static scale
 // and per_token; group_size < 0 is an error.
 void check_silu_and_mul_mode(const std::optional<at::Tensor>& scale, bool per_token, int64_t group_size);
+
+// "silu", "gelu" or "swigluoai" -> the enum; any other name is an error naming it.
+GatedActivation parse_activation(const char* op, std::string_view name);
+
+// silu_and_mul_quant_fp8's activation arguments: the activation, and the bias [E, 2I] float32
+// contiguous on x's device with expert_offsets [E + 1] int64 (both or neither). Returns the spec
+// for the launcher / reference, pointers filled from the tensors.
+GatedActSpec check_gated_act_args(const char* op, const QuantShape& s, const at::Tensor& x, std::string_view activation,
+                                  bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& expert_offsets);
 
 }  // namespace moe_kernels

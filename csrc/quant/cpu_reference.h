@@ -17,6 +17,9 @@ std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x
 
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
                                                           const std::optional<at::Tensor>& scale, bool per_token,
-                                                          int64_t group_size);
+                                                          int64_t group_size, c10::string_view activation,
+                                                          bool gate_up_interleaved, double swiglu_alpha,
+                                                          double swiglu_limit, const std::optional<at::Tensor>& bias,
+                                                          const std::optional<at::Tensor>& expert_offsets);
 
 }  // namespace moe_kernels::cpu

@@ -18,7 +18,8 @@ using Launcher = cudaError_t (*)(const Fp8QuantArgs&, cudaStream_t);
 // Allocates q and the scales of the mode, fills the launcher's arguments and launches.
 std::tuple<at::Tensor, at::Tensor> launch(const char* op, Launcher launcher, const at::Tensor& x, const QuantShape& s,
                                           QuantScaleMode mode, const std::optional<at::Tensor>& scale,
-                                          int64_t group_size = 0, bool column_major_scales = false) {
+                                          int64_t group_size = 0, bool column_major_scales = false,
+                                          const GatedActSpec& act = {}) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   auto q = at::empty({s.rows, s.cols}, x.options().dtype(at::kFloat8_e4m3fn));
@@ -44,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor> launch(const char* op, Launcher launcher, con
   a.q = static_cast<uint8_t*>(q.data_ptr());
   a.group_size = group_size;
   a.scales_column_major = column_major_scales;
+  a.act = act;
   check_launch(launcher(a, current_stream()), op);
   return {q, scale_out};
 }
@@ -76,16 +78,21 @@ std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x
 
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
                                                           const std::optional<at::Tensor>& scale, bool per_token,
-                                                          int64_t group_size) {
+                                                          int64_t group_size, c10::string_view activation,
+                                                          bool gate_up_interleaved, double swiglu_alpha,
+                                                          double swiglu_limit, const std::optional<at::Tensor>& bias,
+                                                          const std::optional<at::Tensor>& expert_offsets) {
   const char* op = "silu_and_mul_quant_fp8";
   const QuantShape s = check_quant_args(op, x, scale, /*silu_and_mul=*/true);
   check_silu_and_mul_mode(scale, per_token, group_size);
+  const GatedActSpec act = check_gated_act_args(op, s, x, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                                                bias, expert_offsets);
   if (group_size > 0) {
     check_group_size(op, s, group_size, /*silu_and_mul=*/true);
     return launch(op, launch_silu_and_mul_quant_fp8, x, s, QuantScaleMode::kDynamicPerGroup, std::nullopt,
-                  group_size);
+                  group_size, false, act);
   }
-  return launch(op, launch_silu_and_mul_quant_fp8, x, s, tensor_or_token_mode(scale, per_token), scale);
+  return launch(op, launch_silu_and_mul_quant_fp8, x, s, tensor_or_token_mode(scale, per_token), scale, 0, false, act);
 }
 
 }  // namespace cuda
@@ -107,10 +114,14 @@ std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x
 
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
                                                           const std::optional<at::Tensor>& scale, bool per_token,
-                                                          int64_t group_size) {
+                                                          int64_t group_size, c10::string_view activation,
+                                                          bool gate_up_interleaved, double swiglu_alpha,
+                                                          double swiglu_limit, const std::optional<at::Tensor>& bias,
+                                                          const std::optional<at::Tensor>& expert_offsets) {
   static auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("moe_kernels::silu_and_mul_quant_fp8", "")
                            .typed<decltype(silu_and_mul_quant_fp8)>();
-  return handle.call(x, scale, per_token, group_size);
+  return handle.call(x, scale, per_token, group_size, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                     bias, expert_offsets);
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {

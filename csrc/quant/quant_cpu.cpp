@@ -96,20 +96,19 @@ std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x
 
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
                                                           const std::optional<at::Tensor>& scale, bool per_token,
-                                                          int64_t group_size) {
+                                                          int64_t group_size, c10::string_view activation,
+                                                          bool gate_up_interleaved, double swiglu_alpha,
+                                                          double swiglu_limit, const std::optional<at::Tensor>& bias,
+                                                          const std::optional<at::Tensor>& expert_offsets) {
   const char* op = "silu_and_mul_quant_fp8";
   const QuantShape s = check_quant_args(op, x, scale, /*silu_and_mul=*/true);
   check_silu_and_mul_mode(scale, per_token, group_size);
+  const GatedActSpec act = check_gated_act_args(op, s, x, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                                                bias, expert_offsets);
   if (group_size > 0) check_group_size(op, s, group_size, /*silu_and_mul=*/true);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* x_p = xf.data_ptr<float>();
   auto y = at::empty({s.rows, s.cols}, xf.options());
-  float* y_p = y.data_ptr<float>();
-  for (int64_t r = 0; r < s.rows; ++r) {
-    const float* gate = x_p + r * 2 * s.cols;
-    const float* up = gate + s.cols;
-    for (int64_t c = 0; c < s.cols; ++c) y_p[r * s.cols + c] = fp8::silu_and_mul(gate[c], up[c]);
-  }
+  gated_act_reference(xf.data_ptr<float>(), s.rows, s.cols, act, y.data_ptr<float>());
   return group_size > 0 ? quantize_per_group(y, group_size, false) : quantize(y, scale, per_token);
 }
 

@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/string_view.h>
+
 #include <optional>
 #include <string>
 #include <vector>
@@ -21,12 +23,17 @@ at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor& b, co
 // MOE_KERNELS_GEMM_CONFIG=<name> forces one; unset, the rows per expert choose).
 std::vector<std::string> grouped_gemm_fp8_configs();
 
-// The whole expert computation: quantize, permute, GEMM1, silu*mul + quantize, GEMM2, unpermute.
+// The whole expert computation: quantize, permute, GEMM1, (+ w1_bias) gated activation + quantize,
+// GEMM2, (+ w2_bias) weighted unpermute. activation "silu" | "gelu" | "swigluoai" (docs/ops.md).
 at::Tensor cutlass_moe_fp8(const at::Tensor& hidden_states, const at::Tensor& w1, const at::Tensor& w2,
                            const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& w1_scale,
                            const at::Tensor& w2_scale, const std::optional<at::Tensor>& a1_scale = std::nullopt,
                            const std::optional<at::Tensor>& a2_scale = std::nullopt, bool per_act_token = false,
                            bool per_out_ch = false, const std::optional<at::Tensor>& expert_map = std::nullopt,
-                           int64_t num_local_experts = -1, bool apply_router_weight_on_input = false);
+                           int64_t num_local_experts = -1, bool apply_router_weight_on_input = false,
+                           c10::string_view activation = "silu", bool gate_up_interleaved = false,
+                           double swiglu_alpha = 1.702, double swiglu_limit = 7.0,
+                           const std::optional<at::Tensor>& w1_bias = std::nullopt,
+                           const std::optional<at::Tensor>& w2_bias = std::nullopt);
 
 }  // namespace moe_kernels

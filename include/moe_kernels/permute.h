@@ -24,9 +24,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
     const std::optional<at::Tensor>& expert_map = std::nullopt, int64_t num_local_experts = -1,
     int64_t align_block_size = 0, const std::optional<at::Tensor>& scales = std::nullopt);
 
-// -> out [T,H]: out[t] = sum_k topk_weights[t,k] * permuted[inv_permuted_idx[t,k]]
+// -> out [T,H]: out[t] = sum_k topk_weights[t,k] * (permuted[inv_permuted_idx[t,k]] + bias[e]),
+// bias optional: [E, H] float32, e the expert owning the row (expert_offsets [E + 1] int64, given
+// with bias), added in fp32 before the weight multiplies.
 at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
-                         const at::Tensor& inv_permuted_idx);
+                         const at::Tensor& inv_permuted_idx, const std::optional<at::Tensor>& bias = std::nullopt,
+                         const std::optional<at::Tensor>& expert_offsets = std::nullopt);
 
 // -> (problem_sizes1 [E_local,3] int32, problem_sizes2 [E_local,3] int32)
 std::tuple<at::Tensor, at::Tensor> compute_problem_sizes(const at::Tensor& expert_offsets, int64_t n, int64_t k,
