@@ -41,43 +41,54 @@ namespace act {
 
 using namespace moe_kernels::pmath;
 
-// erf(x) within about 2 ulp, from IEEE operations only (the device erff and the host std::erf
-// differ in the last bits, which would flip e4m3 roundings between the CUDA op and its reference).
-// |x| < 1: x * P(x^2), P of degree 6; 1 <= |x| < 3.92: 1 - e^Q(|x|), Q of degree 9 in |x| - 2.46
-// fitted to log(erfc) (so that the small erfc keeps its relative accuracy); beyond, erf rounds to
-// +-1 in fp32 (erfc(3.92) = 1.1e-8, below half an ulp of 1). Least-squares fits in float64 against
-// math.erf, coefficients rounded to fp32; measured error: 1.8e-7 relative (|x| < 1), 9e-8 absolute.
+// erf and erfc from IEEE operations only (the device erff and the host std::erf differ in the last
+// bits, which would flip e4m3 roundings between the CUDA op and its reference). Least-squares fits
+// in float64 against an exact erf, coefficients rounded to fp32:
+// - |x| < 1: erf(x) = x * P(x^2), P of degree 6 (measured 1.8e-7 relative);
+// - a >= 1: erfc(a) = e^(R(1/a) - a^2) / a, R of degree 9 fitted on [1, 10] to log(a erfc(a) e^(a^2))
+//   (smooth in 1/a), so that the small erfc keeps its relative accuracy (3e-7 measured; the
+//   rounding of a^2 adds up to 6e-8 * a^2 relative); below e^-80 it is 0 (exp_portable).
+MOE_HOST_DEVICE float erf_small(float a) {  // |a| < 1
+  const float s = mul_rn(a, a);
+  float p = 0x1.4fd5fap-14f;
+  p = fma_rn(p, s, -0x1.a63fe2p-11f);
+  p = fma_rn(p, s, 0x1.545368p-8f);
+  p = fma_rn(p, s, -0x1.b80286p-6f);
+  p = fma_rn(p, s, 0x1.ce2d7cp-4f);
+  p = fma_rn(p, s, -0x1.812740p-2f);
+  p = fma_rn(p, s, 0x1.20dd76p+0f);
+  return mul_rn(p, a);
+}
+
+MOE_HOST_DEVICE float erfc_large(float a) {  // a >= 1 (+inf gives 0)
+  if (a > 10.0f) return 0.0f;  // erfc(10) = 2e-45: below the smallest normal float
+  const float s = div_rn(1.0f, a);
+  float r = -0x1.ea5594p-6f;
+  r = fma_rn(r, s, 0x1.0eb876p-2f);
+  r = fma_rn(r, s, -0x1.e30b44p-1f);
+  r = fma_rn(r, s, 0x1.d50ed2p+0f);
+  r = fma_rn(r, s, -0x1.0dc07ap+1f);
+  r = fma_rn(r, s, 0x1.560512p+0f);
+  r = fma_rn(r, s, -0x1.2af5bap-3f);
+  r = fma_rn(r, s, -0x1.ed7748p-2f);
+  r = fma_rn(r, s, -0x1.446a3cp-10f);
+  r = fma_rn(r, s, -0x1.25085cp-1f);
+  return div_rn(exp_portable(add_rn(r, -mul_rn(a, a))), a);
+}
+
 MOE_HOST_DEVICE float erf_portable(float x) {
   if (!(x == x)) return x;  // NaN
   const float a = abs_f(x);
-  float r;
-  if (a < 1.0f) {
-    const float s = mul_rn(a, a);
-    float p = 0x1.4fd5fap-14f;
-    p = fma_rn(p, s, -0x1.a63fe2p-11f);
-    p = fma_rn(p, s, 0x1.545368p-8f);
-    p = fma_rn(p, s, -0x1.b80286p-6f);
-    p = fma_rn(p, s, 0x1.ce2d7cp-4f);
-    p = fma_rn(p, s, -0x1.812740p-2f);
-    p = fma_rn(p, s, 0x1.20dd76p+0f);
-    r = mul_rn(p, a);
-  } else if (a < 3.92f) {
-    const float t = add_rn(a, -2.46f);
-    float q = -0x1.f7c82ap-25f;
-    q = fma_rn(q, t, 0x1.bd3780p-20f);
-    q = fma_rn(q, t, -0x1.c5f632p-17f);
-    q = fma_rn(q, t, 0x1.53d268p-14f);
-    q = fma_rn(q, t, -0x1.cd0842p-12f);
-    q = fma_rn(q, t, 0x1.271490p-9f);
-    q = fma_rn(q, t, -0x1.6f6074p-7f);
-    q = fma_rn(q, t, -0x1.e2987cp-1f);
-    q = fma_rn(q, t, -0x1.51be02p+2f);
-    q = fma_rn(q, t, -0x1.e607aap+2f);
-    r = add_rn(1.0f, -exp_portable(q));
-  } else {
-    r = 1.0f;
-  }
+  const float r = a < 1.0f ? erf_small(a) : add_rn(1.0f, -erfc_large(a));
   return x < 0.0f ? -r : r;
+}
+
+// 1 + erf(x), without the cancellation of 1 + erf(x) at negative x (where it is erfc(-x), small):
+// GELU's factor, accurate relative to itself on both sides.
+MOE_HOST_DEVICE float one_plus_erf(float x) {
+  if (x >= 0.0f) return add_rn(1.0f, erf_portable(x));
+  const float a = -x;
+  return a < 1.0f ? add_rn(1.0f, -erf_small(a)) : erfc_large(a);
 }
 
 // gelu(g) = g/2 * (1 + erf(g / sqrt(2))), torch.nn.functional.gelu's default (approximate="none").
@@ -85,8 +96,9 @@ MOE_HOST_DEVICE float erf_portable(float x) {
 // saturates downstream instead of turning into NaN.
 MOE_HOST_DEVICE float gelu(float g) {
   if (g == -INFINITY) return -0.0f;
+  if (!(g == g)) return g;
   constexpr float kSqrtHalf = 0x1.6a09e6p-1f;  // 1 / sqrt(2)
-  return mul_rn(mul_rn(g, 0.5f), add_rn(1.0f, erf_portable(mul_rn(g, kSqrtHalf))));
+  return mul_rn(mul_rn(g, 0.5f), one_plus_erf(mul_rn(g, kSqrtHalf)));
 }
 
 struct SiluMul {
