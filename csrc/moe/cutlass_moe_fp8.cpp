@@ -30,11 +30,11 @@ void check_block_mode(const char* op, const at::Tensor& w1_scale, const at::Tens
                       int64_t I, const std::optional<at::Tensor>& a2_scale, bool per_act_token, bool per_out_ch) {
   // One weight scale per whole 128x128 block (the other modes need multiples of 16 only).
   TORCH_CHECK(H % kBlock == 0, op, ": block mode (3-D weight scales) needs H (hidden_states.size(1)) to be a ",
-              "multiple of 128 (whole 128x128 weight blocks; the per-tensor, per-token and per-channel modes need ",
-              "multiples of 16), got H=", H);
-  TORCH_CHECK(I % kBlock == 0, op, ": block mode (3-D weight scales) needs I (w2.size(2)) to be a multiple of 128 ",
-              "(whole 128x128 weight blocks; the per-tensor, per-token and per-channel modes need multiples of 16), ",
-              "got I=", I);
+              "multiple of 128, got H=", H, " (whole 128x128 weight blocks; the per-tensor, per-token and ",
+              "per-channel modes need multiples of 16 only)");
+  TORCH_CHECK(I % kBlock == 0, op, ": block mode (3-D weight scales) needs I (w2.size(2)) to be a multiple of 128, ",
+              "got I=", I, " (whole 128x128 weight blocks; the per-tensor, per-token and per-channel modes need ",
+              "multiples of 16 only)");
   const std::vector<int64_t> want1{E, 2 * I / kBlock, H / kBlock};
   const std::vector<int64_t> want2{E, H / kBlock, I / kBlock};
   TORCH_CHECK(w1_scale.sizes() == at::IntArrayRef(want1), op,
