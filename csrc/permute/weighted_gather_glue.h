@@ -3,15 +3,15 @@
 // whose expert lies in [start_expert, end_expert].
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/stable_glue.h"
 
 #include <optional>
 
 namespace moe_kernels::cuda {
 
-at::Tensor weighted_gather(const char* op, const at::Tensor& rows, const at::Tensor& topk_weights,
-                           const at::Tensor& index, const std::optional<at::Tensor>& topk_ids, int64_t start_expert,
-                           int64_t end_expert, const std::optional<at::Tensor>& bias = std::nullopt,
-                           const std::optional<at::Tensor>& expert_offsets = std::nullopt);
+Tensor weighted_gather(const char* op, const Tensor& rows, const Tensor& topk_weights,
+                           const Tensor& index, const std::optional<Tensor>& topk_ids, int64_t start_expert,
+                           int64_t end_expert, const std::optional<Tensor>& bias = std::nullopt,
+                           const std::optional<Tensor>& expert_offsets = std::nullopt);
 
 }  // namespace moe_kernels::cuda

@@ -2,24 +2,25 @@
 // be read as the specification that the CUDA kernels are tested against (byte for byte).
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/stable_glue.h"
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace moe_kernels::cpu {
 
-std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+std::tuple<Tensor, Tensor> scaled_fp8_quant(const Tensor& x, const std::optional<Tensor>& scale,
                                                     bool per_token);
 
-std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x, int64_t group_size,
+std::tuple<Tensor, Tensor> per_token_group_quant_fp8(const Tensor& x, int64_t group_size,
                                                              bool column_major_scales);
 
-std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
-                                                          const std::optional<at::Tensor>& scale, bool per_token,
-                                                          int64_t group_size, c10::string_view activation,
-                                                          bool gate_up_interleaved, double swiglu_alpha,
-                                                          double swiglu_limit, const std::optional<at::Tensor>& bias,
-                                                          const std::optional<at::Tensor>& expert_offsets);
+std::tuple<Tensor, Tensor> silu_and_mul_quant_fp8(const Tensor& x, const std::optional<Tensor>& scale, bool per_token,
+                                                  int64_t group_size, const std::string& activation = "silu",
+                                                  bool gate_up_interleaved = false, double swiglu_alpha = 1.702,
+                                                  double swiglu_limit = 7.0,
+                                                  const std::optional<Tensor>& bias = std::nullopt,
+                                                  const std::optional<Tensor>& expert_offsets = std::nullopt);
 
 }  // namespace moe_kernels::cpu
