@@ -166,10 +166,13 @@ def measure(device: str, table: dict, calls: int = CALLS, rounds: int = ROUNDS) 
                 samples.pop((name, "op"), None)
                 break
             samples[(name, kind)] = []
+    round_medians = {key: [] for key in samples}
     for _ in range(rounds):
         for (name, kind), got in samples.items():
             op_call, wrapper_call, _ = table[name]
-            got += _time_calls(op_call if kind == "op" else wrapper_call, calls, device)
+            t = _time_calls(op_call if kind == "op" else wrapper_call, calls, device)
+            got += t
+            round_medians[(name, kind)].append(statistics.median(t))
     for name, note in notes.items():
         op_t, wr_t = samples.get((name, "op")), samples.get((name, "wrapper"))
         main = op_t or wr_t
@@ -178,6 +181,8 @@ def measure(device: str, table: dict, calls: int = CALLS, rounds: int = ROUNDS) 
              "wrapper_us": statistics.median(wr_t) if wr_t else None,
              "p10_us": _quantile(main, 0.1) if main else None, "p90_us": _quantile(main, 0.9) if main else None,
              "calls": len(main) if main else 0, "timed_through": "torch.ops" if op_t else ("wrapper" if wr_t else None),
+             # Per-round medians: their spread says how far two runs on this machine can differ.
+             "round_medians_us": round_medians.get((name, "op" if op_t else "wrapper")),
              "peers_us": {}, "speedup": {}}
         if note:
             r["note"] = note
