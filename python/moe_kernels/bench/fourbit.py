@@ -23,7 +23,7 @@ INT4_SCALE = 0.01
 PACKED_DTYPE = torch.uint8  # two 4-bit values a byte, as the checkpoints store them
 
 # The grouped GEMM ops of the 4-bit formats (branch fp4), looked up by name; the first that exists.
-MXFP4_GEMM_NAMES = ("cutlass_grouped_gemm_mxfp4",)
+MXFP4_GEMM_NAMES = ("grouped_gemm_mxfp4", "cutlass_grouped_gemm_mxfp4")
 
 
 def mxfp4_weight(E: int, N: int, K: int, device="cuda"):
@@ -47,6 +47,21 @@ def mxfp4_gemm() -> Union[Callable, str]:
         if fn is not None:
             return fn
     return f"skipped: this build of moe_kernels has no MXFP4 grouped GEMM ({' or '.join(MXFP4_GEMM_NAMES)}; branch fp4)"
+
+
+def call_gemm(gemm: Callable, a, w, w_scale, expert_offsets, a_scale=None):
+    """gemm(a, w, w_scale, expert_offsets) with the activation scale passed under the name this
+    build's function gives it (a_scale or a_scales), else positionally fifth."""
+    if a_scale is None:
+        return gemm(a, w, w_scale, expert_offsets)
+    try:
+        import inspect
+        names = [p for p in inspect.signature(gemm).parameters if p.startswith("a_scale")]
+    except (TypeError, ValueError):
+        names = []
+    if names:
+        return gemm(a, w, w_scale, expert_offsets, **{names[0]: a_scale})
+    return gemm(a, w, w_scale, expert_offsets, a_scale)
 
 
 def fp8_layer_call(m, x, w1, w2, w, ids, s1, s2, a1, a2, b1=None, b2=None) -> Union[Callable, str]:

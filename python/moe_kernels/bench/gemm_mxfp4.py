@@ -43,8 +43,8 @@ def gemm_rows(ctx, m, T, name, N, K, blocks, scales, b8, b16, offsets, gemm):
              "torch_grouped_mm_bf16": lambda: torch._grouped_mm(a16, b16.transpose(1, 2),
                                                                 offs=offsets[1:].to(torch.int32))}
     variants = {  # op: (our call, bytes per A element, A scale bytes, MMA peak)
-        f"{name}_mxfp4": (lambda: gemm(a16, blocks, scales, offsets), 2, 0, "bf16"),
-        f"{name}_mxfp4_a8": (lambda: gemm(a8, blocks, scales, offsets, a_scales=sa), 1, 4 * M, "fp8"),
+        f"{name}_mxfp4": (lambda: fourbit.call_gemm(gemm, a16, blocks, scales, offsets), 2, 0, "bf16"),
+        f"{name}_mxfp4_a8": (lambda: fourbit.call_gemm(gemm, a8, blocks, scales, offsets, sa), 1, 4 * M, "fp8"),
     }
     rows = []
     for op, (ours, a_bytes, a_scale_bytes, peak) in variants.items():
