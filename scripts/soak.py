@@ -324,7 +324,7 @@ def main(argv=None):
     memtext = (f"live memory max {mem['max_delta_bytes'] / 2**20:+.2f} MiB over the baseline (bound "
                f"{a.mem_bound_mib:g} MiB)" if cuda else "memory not tracked on the CPU")
     print(f"SOAK {'PASS' if ok else 'FAIL'}: {done} calls on {device} in {summary['seconds']} s, "
-          f"{len(counts)} format/modes, T up to {max_tokens}, errors {len(summary['errors'])}, "
+          f"{len(counts)} of {len(summary['formats'])} format/modes, T up to {max_tokens}, errors {len(summary['errors'])}, "
           f"checks {summary['checks']} ({len(summary['check_failures'])} failed, max rel err "
           f"{summary['max_check_err']:.3g}), non-finite outputs {summary['nonfinite_outputs']}, {memtext}")
     return 0 if ok else 1
