@@ -201,3 +201,31 @@ def test_cli_runs_the_host_benchmark_without_a_gpu(tmp_path):
     data = json.loads((tmp_path / "host.json").read_text())
     assert {r["model"] for r in data["rows"]} >= {"moe_permute", "cutlass_moe_fp8"}
     assert data["env"]["cpu_count"] >= 1
+
+
+def test_bf16_torch_peer_of_gpt_oss_matches_the_loop_formula():
+    """The layer bench's bf16 torch peer with swigluoai, interleaved gate/up and both biases (the
+    work it is timed on) against a loop over tokens and choices in fp32."""
+    from moe_kernels.bench.layer import gated, torch_bf16_layer
+    g = torch.Generator().manual_seed(0)
+    E, K, H, I, T = 4, 2, 32, 16, 5
+    x = torch.randn(T, H, generator=g).bfloat16()
+    w1 = (torch.randn(E, 2 * I, H, generator=g) * 0.1).bfloat16()
+    w2 = (torch.randn(E, H, I, generator=g) * 0.1).bfloat16()
+    ids = torch.rand(T, E, generator=g).argsort(1)[:, :K].int()
+    w = torch.rand(T, K, generator=g)
+    b1, b2 = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)
+    act = {"activation": "swigluoai", "gate_up_interleaved": True}
+    try:
+        got = torch_bf16_layer(x, w1, w2, w, ids, E, act, b1, b2).float()
+    except (RuntimeError, NotImplementedError) as e:  # torch._grouped_mm without a CPU kernel
+        pytest.skip(f"torch._grouped_mm on the CPU: {e}")
+    want = torch.zeros(T, H)
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            h = x[t].float() @ w1[e].float().T + b1[e]
+            want[t] += w[t, k] * (gated(h[None], **act)[0] @ w2[e].float().T + b2[e])
+    # The peer rounds GEMM1's output, the activation and GEMM2's output to bf16 (2^-9 relative each):
+    # a few bf16 ulps of the output's scale.
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())

@@ -40,7 +40,8 @@ def plot(rows: List[dict], path: Path) -> Path:
                 ax.plot(*zip(*pts), color="black", marker=markers[model], markersize=4, linewidth=1)
         ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 1.2)
+        tops = [r["roof"] for r in rows if r["op"] == op and r.get("roof") is not None]
+        ax.set_ylim(0, max([1.2] + [1.05 * v for v in tops]))  # a suspect above 1.0 stays in view
         ax.set_title(f"{op}: fraction of roofline", fontsize=10)
         ax.set_xlabel("tokens T")
         ax.set_ylabel("roof_us / us")
