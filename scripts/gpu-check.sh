@@ -21,9 +21,10 @@
 #   BENCH_ARGS="--ops layer --models gpt-oss --quick" SOAK_CALLS=1000 STAGES="install bench soak" ...
 #   PYTEST_ARGS="-k gemm" ...      (split on spaces: write -k expressions without spaces)
 #
-# The device tool stops a command after 10 minutes: run it there as three calls on the same warm
-# machine, each well inside that limit (install is repeated: it takes seconds):
-#   STAGES="install test downstream"      STAGES="install sanitize"      STAGES="install bench soak ep"
+# The device tool stops a command after 10 minutes: run it there as four calls on the same warm
+# machine, each inside that limit (install is repeated: it takes seconds):
+#   STAGES="install test downstream"   STAGES="install sanitize"   STAGES="install bench"   STAGES="install soak ep"
+# The bench JSON is saved after every op, so a bench cut short by its limit keeps the ops it finished.
 # Each stage runs under a time limit (TEST_LIMIT_S, SANITIZE_LIMIT_S per tool, BENCH_LIMIT_S,
 # SOAK_LIMIT_S, ...), never past TOTAL_LIMIT_S (default 1500 s) from the start.
 #

@@ -70,22 +70,27 @@ def benchmark(args) -> int:
                 for mod in modules.values())
     progress = Progress(steps)
     start = time.time()
+    env = report.environment()
+    tag = ["all"] if args.ops == list(OPS) else args.ops
+    path = args.json or report.result_path(args.out or report.default_out_dir(), env, tag, args.quick)
+    run_args = {k: v for k, v in vars(args).items() if k not in ("model_list", "ops_given")}
+
+    def save(partial: bool):
+        ceilings = {name: {"value": v, **ctx.ceiling_details.get(name, {})} for name, v in ctx.ceilings.items()}
+        return report.save(path, env, ceilings, rows, dict(run_args, partial=partial))
+
     rows = []
     try:
         for name, mod in modules.items():
             ctx.progress = lambda label, name=name: progress(f"{name} {label}")
             rows += mod.run(ctx)
+            save(partial=True)  # a run stopped later (a time limit) keeps the ops that finished
     finally:
         progress.close()
-    env = report.environment()
     print(report.format_table(rows))
     for name, value in ctx.ceilings.items():
         print(f"ceiling {name}: {report.ceiling_text(name, value, ctx.ceiling_details.get(name))}")
-    ceilings = {name: {"value": v, **ctx.ceiling_details.get(name, {})} for name, v in ctx.ceilings.items()}
-    tag = ["all"] if args.ops == list(OPS) else args.ops
-    path = args.json or report.result_path(args.out or report.default_out_dir(), env, tag, args.quick)
-    saved = report.save(path, env, ceilings, rows,
-                        {k: v for k, v in vars(args).items() if k not in ("model_list", "ops_given")})
+    saved = save(partial=False)
     print(f"{len(rows)} rows in {time.time() - start:.0f} s on {env.get('device') or 'the CPU'}, saved {saved}")
     if args.plot:
         print(f"plot: {plot.plot(rows, args.plot)}")
