@@ -23,7 +23,7 @@ INT4_SCALE = 0.01
 PACKED_DTYPE = torch.uint8  # two 4-bit values a byte, as the checkpoints store them
 
 # The grouped GEMM ops of the 4-bit formats (branch fp4), looked up by name; the first that exists.
-MXFP4_GEMM_NAMES = ("grouped_gemm_mxfp4", "cutlass_grouped_gemm_mxfp4")
+MXFP4_GEMM_NAMES = ("grouped_gemm_mxfp4",)
 
 
 def mxfp4_weight(E: int, N: int, K: int, device="cuda"):

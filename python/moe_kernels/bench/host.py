@@ -121,6 +121,16 @@ def cases(device: str) -> Dict[str, Tuple[Optional[Callable], Callable, str]]:
         m2, ms2 = fourbit.mxfp4_weight(E, Hs, Is, d)
         out["cutlass_moe_mxfp4"] = (None, lambda: moe_kernels.cutlass_moe_mxfp4(xs, m1, m2, w, ids, ms1, ms2),
                                     "wrapper only (keywords)")
+    for gemm_name, make, k_dim, a in (("grouped_gemm_mxfp4", fourbit.mxfp4_weight, Hs, rnd(K, Hs, dtype=torch.bfloat16)),
+                                      ("grouped_gemm_w4a8", fourbit.int4_weight, Hb, rnd(K, Hb).to(FP8))):
+        why = features.missing(gemm_name, where="branch fp4")
+        if why:
+            out[gemm_name] = (None, None, why)
+            continue
+        gw, gs = make(E, 2 * Is, k_dim, d)
+        a_scale = None if a.dtype == torch.bfloat16 else scale
+        out[gemm_name] = (None, lambda f=features.function(gemm_name), a=a, gw=gw, gs=gs, a_scale=a_scale:
+                          fourbit.call_gemm(f, a, gw, gs, gemm_offsets, a_scale), "wrapper only")
     why = features.missing("cutlass_moe_w4a8", where="branch fp4")
     if why:
         out["cutlass_moe_w4a8"] = (None, None, why)
