@@ -10,8 +10,8 @@
 #   downstream  the C++ extension test (tests/test_downstream.py: CPU and CUDA) against the install
 #   sanitize    compute-sanitizer memcheck, racecheck, synccheck on scripts/sanitize_ops.py (every
 #               kernel, this wave's activations, biases and 4-bit GEMMs where the build has them)
-#   bench       python -m moe_kernels.bench $BENCH_ARGS (default: --quick, ops host, gemm, layer,
-#               layer_block, gemm_mxfp4, layer_mxfp4, layer_w4a8, every model incl. gpt-oss), JSON + plot
+#   bench       python -m moe_kernels.bench $BENCH_ARGS (default: --quick, ops host, layer_mxfp4,
+#               layer_w4a8, gemm_mxfp4, layer, gemm, layer_block, every model incl. gpt-oss), JSON + plot
 #   soak        scripts/soak.py: SOAK_CALLS layer calls (default 10,000) with random shapes, routings,
 #               modes and formats; memory flat, no error, a CPU-reference sample
 #   ep          scripts/ep-check.sh on 2 GPUs (skipped on one)
@@ -21,10 +21,13 @@
 #   BENCH_ARGS="--ops layer --models gpt-oss --quick" SOAK_CALLS=1000 STAGES="install bench soak" ...
 #   PYTEST_ARGS="-k gemm" ...      (split on spaces: write -k expressions without spaces)
 #
-# The device tool stops a command after 10 minutes: run it there as four calls on the same warm
-# machine, each inside that limit (install is repeated: it takes seconds):
-#   STAGES="install test downstream"   STAGES="install sanitize"   STAGES="install bench"   STAGES="install soak ep"
-# The bench JSON is saved after every op, so a bench cut short by its limit keeps the ops it finished.
+# The device tool stops a command after 10 minutes: run it there as three calls on the same warm
+# machine, each inside that limit by the default stage limits (install is repeated: seconds):
+#   STAGES="install test downstream"   STAGES="install sanitize soak"   STAGES="install bench ep"
+# (carry dist/, which git ignores, with the wheel). The stage limits (seconds, env): TEST_LIMIT_S
+# 420, DOWNSTREAM_LIMIT_S 120, SANITIZE_LIMIT_S 120 per tool, SOAK_LIMIT_S 150, BENCH_LIMIT_S 540:
+# about 25 minutes in all. The bench JSON is saved after every op, so a bench cut short keeps the
+# ops it finished (BENCH_ARGS lists the 4-bit ops and host first for that reason).
 # Each stage runs under a time limit (TEST_LIMIT_S, SANITIZE_LIMIT_S per tool, BENCH_LIMIT_S,
 # SOAK_LIMIT_S, ...), never past TOTAL_LIMIT_S (default 1500 s) from the start.
 #
@@ -43,7 +46,7 @@ WORK=${WORK:-/tmp/gpu-check-work}
 VENV=${VENV:-/tmp/moe-kernels-venv}
 mkdir -p "$OUT" "$WORK"
 STAGES=${STAGES:-"install test downstream sanitize bench soak ep"}
-BENCH_ARGS=${BENCH_ARGS:-"--quick --ops host,gemm,layer,layer_block,gemm_mxfp4,layer_mxfp4,layer_w4a8"}
+BENCH_ARGS=${BENCH_ARGS:-"--quick --ops host,layer_mxfp4,layer_w4a8,gemm_mxfp4,layer,gemm,layer_block"}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
 TOTAL_LIMIT_S=${TOTAL_LIMIT_S:-1500}
@@ -128,7 +131,7 @@ fi
 if stage test; then
   start=$SECONDS
   # shellcheck disable=SC2086
-  timeout "$(limit ${TEST_LIMIT_S:-540})" python3 -m pytest tests -q -rs -p no:cacheprovider \
+  timeout "$(limit ${TEST_LIMIT_S:-420})" python3 -m pytest tests -q -rs -p no:cacheprovider \
     --ignore=tests/test_downstream.py $PYTEST_ARGS > "$WORK/test.log" 2>&1
   rc=$?
   track $rc
@@ -139,7 +142,7 @@ fi
 
 if stage downstream; then
   start=$SECONDS
-  timeout "$(limit ${DOWNSTREAM_LIMIT_S:-300})" python3 -m pytest tests/test_downstream.py -q -rs -p no:cacheprovider \
+  timeout "$(limit ${DOWNSTREAM_LIMIT_S:-120})" python3 -m pytest tests/test_downstream.py -q -rs -p no:cacheprovider \
     > "$WORK/downstream.log" 2>&1
   rc=$?
   track $rc
@@ -153,7 +156,7 @@ if stage sanitize; then
     # No caching allocator: every tensor is its own cudaMalloc, so memcheck sees a read or write
     # one element past a tensor instead of landing in the same cached block.
     # shellcheck disable=SC2086
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit ${SANITIZE_LIMIT_S:-200})" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit ${SANITIZE_LIMIT_S:-120})" \
       compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py $SANITIZE_ARGS \
       > "$WORK/sanitize_$tool.log" 2>&1
     rc=$?
@@ -184,7 +187,7 @@ fi
 
 if stage soak; then
   start=$SECONDS
-  timeout "$(limit ${SOAK_LIMIT_S:-300})" python3 scripts/soak.py --json "$WORK/soak.json" > "$WORK/soak.log" 2>&1
+  timeout "$(limit ${SOAK_LIMIT_S:-150})" python3 scripts/soak.py --json "$WORK/soak.json" > "$WORK/soak.log" 2>&1
   rc=$?
   track $rc
   note "soak: $(grep -E '^SOAK' "$WORK/soak.log" | tail -1 | cut -c1-400) rc=$rc$(timed_out $rc) in $((SECONDS - start)) s"
