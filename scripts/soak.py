@@ -289,11 +289,11 @@ def main(argv=None):
                 if not ok:
                     summary["check_failures"].append({"call": i, "case": f"{ws.name()} {key}", "T": T,
                                                       "kw": sorted(kw), "rel_err": err})
-            del out
         except Exception as e:  # noqa: BLE001  (recorded with its case; the soak goes on)
             record_error(i, case, T, e)
             if os.environ.get("SOAK_TRACEBACK"):
                 traceback.print_exc()
+        out = None  # the output is the caller's: dropped, its memory returns to the allocator
         done = i + 1
         if cuda and (done % a.checkpoint_every == 0 or done == a.calls):
             del x, ids, w
