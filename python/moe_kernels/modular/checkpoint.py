@@ -204,13 +204,13 @@ def load_mxfp4_experts(tensors, prefix: str, *, experts=None) -> ExpertTensors:
 
 # ------------------------------------------------------------------ dequantization (references)
 
-def dequantize_fp8(w: Tensor, scale: Tensor) -> Tensor:
+def dequantize_fp8(w: Tensor, scale: Tensor, block: bool) -> Tensor:
     """e4m3 [E, N, K] times its scales -> fp32: [E] per expert, [E, N] / [E, N, 1] per channel, or
-    [E, N/128, K/128] per 128x128 block."""
+    (block) [E, N/128, K/128] per 128x128 block."""
     E, N, K = w.shape
     w = w.float()
     s = scale.float()
-    if s.dim() == 3 and s.shape[-1] != 1:
+    if block:
         s = s.repeat_interleave(128, 1)[:, :N].repeat_interleave(128, 2)[:, :, :K]
         return w * s
     if s.numel() == E:

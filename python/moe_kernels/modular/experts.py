@@ -366,8 +366,8 @@ class CutlassFp8Experts(_FixedDtypes, Experts):
 
     def reference(self) -> TorchExperts:
         """TorchExperts with the dequantized fp32 weights (activations not quantized)."""
-        w1 = _ckpt.dequantize_fp8(self.w13_weight.detach(), self.w13_scale.detach())
-        w2 = _ckpt.dequantize_fp8(self.w2_weight.detach(), self.w2_scale.detach())
+        w1 = _ckpt.dequantize_fp8(self.w13_weight.detach(), self.w13_scale.detach(), self.block)
+        w2 = _ckpt.dequantize_fp8(self.w2_weight.detach(), self.w2_scale.detach(), self.block)
         return TorchExperts(w1, w2, **self._reference_kwargs())
 
     def _check_scale(self, x: Tensor, x_scale: Optional[Tensor]) -> Tensor:
