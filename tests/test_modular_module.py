@@ -351,8 +351,9 @@ def test_cutlass_fp8_experts_activation_keywords_match_the_reference(act):
 @needs_mxfp4
 @pytest.mark.parametrize("a_dtype", [torch.bfloat16, FP8])
 def test_mxfp4_experts_match_their_reference(a_dtype):
-    ex = make_experts("mxfp4")
-    ex.a_dtype = a_dtype
+    m = make_experts("mxfp4")
+    ex = CutlassMxfp4Experts(m.w13_weight, m.w2_weight, m.w13_weight_scale, m.w2_weight_scale, activation="swigluoai",
+                             gate_up_interleaved=True, w1_bias=m.w13_bias, w2_bias=m.w2_bias, a_dtype=a_dtype)
     x, _, w, ids = routing(8)
     got = ex(x.to(torch.bfloat16), w, ids)
     # bf16 activations (W4A16) or e4m3 per token (W4A8) against exact ones
