@@ -410,10 +410,14 @@ def _fourbit_op(name: str):
     return fn
 
 
-def _float_rows(x: Tensor, x_scale: Optional[Tensor], who: str) -> Tensor:
-    """The 4-bit ops quantize (or not) their input themselves: e4m3 rows from the dispatch are
-    dequantized to bfloat16 first (one more rounding; dispatch in bf16 to avoid it)."""
-    return dequantize_rows(x, x_scale, who).to(torch.bfloat16) if x.dtype == FP8 else x
+def _bf16_rows(x: Tensor, x_scale: Optional[Tensor], who: str):
+    """-> (bf16 rows, output dtype). The 4-bit ops take bfloat16 rows and quantize (or not) them
+    themselves: e4m3 rows from the dispatch are dequantized to bfloat16 first (one more rounding;
+    dispatch in bf16 to avoid it) and give bfloat16; fp16/fp32 rows are computed in bfloat16 and
+    returned in their dtype."""
+    if x.dtype == FP8:
+        return dequantize_rows(x, x_scale, who).to(torch.bfloat16), torch.bfloat16
+    return x.to(torch.bfloat16), x.dtype
 
 
 class CutlassMxfp4Experts(_FixedDtypes, Experts):
@@ -429,7 +433,8 @@ class CutlassMxfp4Experts(_FixedDtypes, Experts):
         a_dtype: torch.bfloat16 (W4A16) or torch.float8_e4m3fn (W4A8: activations quantized per token).
 
     Registered (vLLM's Mxfp4 names): w13_weight, w2_weight, w13_weight_scale, w2_weight_scale,
-    w13_bias, w2_bias. e4m3 input from the dispatch is dequantized to bfloat16 first.
+    w13_bias, w2_bias. The op takes bfloat16 rows: e4m3 input from the dispatch is dequantized to
+    bfloat16 first (output bfloat16); fp16/fp32 input is computed in bfloat16 and returned in its dtype.
     """
 
     def __init__(self, w1: Tensor, w2: Tensor, w1_scale: Tensor, w2_scale: Tensor, *, activation: str = "silu",
@@ -479,13 +484,13 @@ class CutlassMxfp4Experts(_FixedDtypes, Experts):
 
     def forward(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, expert_map: Optional[Tensor] = None,
                 num_local_experts: int = -1, x_scale: Optional[Tensor] = None) -> Tensor:
-        x = _float_rows(x, x_scale, "CutlassMxfp4Experts")
+        x, out_dtype = _bf16_rows(x, x_scale, "CutlassMxfp4Experts")
         op = _fourbit_op("cutlass_moe_mxfp4")
         return op(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.w13_weight_scale,
                   self.w2_weight_scale, activation=self.activation, gate_up_interleaved=self.gate_up_interleaved,
                   swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit, w1_bias=self.w13_bias,
                   w2_bias=self.w2_bias, a_dtype=self.a_dtype, expert_map=expert_map,
-                  num_local_experts=-1 if expert_map is None else self.num_experts)
+                  num_local_experts=-1 if expert_map is None else self.num_experts).to(out_dtype)
 
 
 class CutlassW4A8Experts(_FixedDtypes, Experts):
@@ -502,7 +507,7 @@ class CutlassW4A8Experts(_FixedDtypes, Experts):
 
     Registered (SGLang's W4AFp8 names): w13_weight, w2_weight, w13_weight_scale_inv,
     w2_weight_scale_inv, w13_input_scale, w2_input_scale (if given), w13_bias, w2_bias.
-    e4m3 input from the dispatch is dequantized to bfloat16 first.
+    Input dtypes as CutlassMxfp4Experts (the op takes bfloat16 rows).
     """
 
     weight_format = "int4 x fp8 (W4A8)"
@@ -544,10 +549,11 @@ class CutlassW4A8Experts(_FixedDtypes, Experts):
 
     def forward(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor, expert_map: Optional[Tensor] = None,
                 num_local_experts: int = -1, x_scale: Optional[Tensor] = None) -> Tensor:
-        x = _float_rows(x, x_scale, "CutlassW4A8Experts")
+        x, out_dtype = _bf16_rows(x, x_scale, "CutlassW4A8Experts")
         op = _fourbit_op("cutlass_moe_w4a8")
-        return op(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.w13_weight_scale_inv,
+        # int8 (SGLang's dtype) or uint8 bytes: the op reads bytes; a view is free.
+        return op(x, self.w13_weight.view(torch.uint8), self.w2_weight.view(torch.uint8), topk_weights, topk_ids, self.w13_weight_scale_inv,
                   self.w2_weight_scale_inv, self.w13_input_scale, self.w2_input_scale, activation=self.activation,
                   gate_up_interleaved=self.gate_up_interleaved, swiglu_alpha=self.swiglu_alpha,
                   swiglu_limit=self.swiglu_limit, w1_bias=self.w13_bias, w2_bias=self.w2_bias,
-                  expert_map=expert_map, num_local_experts=-1 if expert_map is None else self.num_experts)
+                  expert_map=expert_map, num_local_experts=-1 if expert_map is None else self.num_experts).to(out_dtype)
