@@ -253,6 +253,41 @@ def test_a_model_holding_the_layer_saves_and_loads():
     assert torch.equal(a(x), b(x)) and a(x).shape == (2, 5, H)
 
 
+@pytest.mark.parametrize("kind", ["torch", "torch_oai", "fp8_block"])
+def test_layer_takes_zero_tokens_and_leading_dims(kind):
+    layer = make_layer(kind)
+    dtype = torch.bfloat16 if kind.startswith("fp8") else torch.float32
+    assert layer(torch.randn(0, H, dtype=dtype)).shape == (0, H)
+    x = torch.randn(2, 3, H, dtype=dtype)
+    assert torch.equal(layer(x), layer(x.view(6, H)).view(2, 3, H))
+
+
+def test_all_to_all_is_a_weightless_submodule():
+    import os
+    import socket
+
+    import torch.distributed as dist
+    from moe_kernels.modular import AllToAll
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        layer = MoELayer(FusedGateRouter(topk=K), AllToAll(E, dispatch_dtype=FP8, quant_group_size=128),
+                         make_experts("fp8_block"))
+        assert (f"(prepare_finalize): AllToAll(num_experts={E}, world=1, rank=0, dispatch_dtype=torch.float8_e4m3fn, "
+                "quant_group_size=128)") in repr(layer)
+        assert not any(k.startswith("prepare_finalize") for k in layer.state_dict())
+        x, logits, _, _ = routing(21)
+        single = MoELayer(FusedGateRouter(topk=K), SingleGpu(E), layer.experts)
+        # One rank: the same rows reach the same experts; the dispatch's per-group quantization is the
+        # one the FP8 block experts apply to bf16 input, so the results are the same bits.
+        assert torch.equal(layer(x.to(torch.bfloat16), logits), single(x.to(torch.bfloat16), logits))
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------- deprecated call styles
 
 def test_fused_gate_router_bias_keyword_is_deprecated():
