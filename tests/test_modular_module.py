@@ -580,6 +580,33 @@ def test_mxfp4_gpt_oss_checkpoint():
         assert rel_err(got, want) < 2e-2
 
 
+def test_w4a8_per_expert_checkpoint():
+    """DeepSeek-R1 W4AFP8-style tensors: int8 [N, K/2] (low nibble the even element, signed),
+    weight_scale_inv [N, K/128], input_scale per expert (the maximum is taken)."""
+    g = torch.Generator().manual_seed(22)
+    prefix, sd, deq = "model.layers.5.mlp.experts.", {}, {}
+    for e in range(E):
+        for name, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            q = torch.randint(-8, 8, (n, k), generator=g)
+            s = torch.rand(n, k // 128, generator=g) / 32 + 1e-3
+            packed = ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).to(torch.uint8).view(torch.int8)
+            sd[f"{prefix}{e}.{name}.weight"] = packed
+            sd[f"{prefix}{e}.{name}.weight_scale_inv"] = s.to(torch.bfloat16)
+            sd[f"{prefix}{e}.{name}.input_scale"] = torch.rand((), generator=g) * 0.01 + 0.001
+            deq[(e, name)] = q.float() * s.to(torch.bfloat16).float().repeat_interleave(128, 1)
+    ex = CutlassW4A8Experts.from_checkpoint(sd, prefix)
+    assert ex.w13_weight.dtype == torch.int8 and ex.w13_weight_scale_inv.dtype == torch.float32
+    want_a1 = max(float(sd[f"{prefix}{e}.{n}.input_scale"]) for e in range(E) for n in ("gate_proj", "up_proj"))
+    assert ex.w13_input_scale.item() == pytest.approx(want_a1, rel=0, abs=0)
+    assert ex.w2_input_scale.item() == max(float(sd[f"{prefix}{e}.down_proj.input_scale"]) for e in range(E))
+    assert CutlassW4A8Experts.from_checkpoint(sd, prefix, static_input_scales=False).w13_input_scale is None
+    w1 = torch.stack([torch.cat([deq[(e, "gate_proj")], deq[(e, "up_proj")]]) for e in range(E)])
+    w2 = torch.stack([deq[(e, "down_proj")] for e in range(E)])
+    x, _, w, ids = routing(23)
+    # int4 x scale is exact in fp32: only summation order differs
+    torch.testing.assert_close(ex.reference()(x, w, ids).double(), dense_moe(x, w, ids, w1, w2), rtol=1e-5, atol=1e-5)
+
+
 def test_from_checkpoint_names_the_missing_tensor():
     sd = gpt_oss_checkpoint("m.")
     del sd["m.experts.down_proj"]

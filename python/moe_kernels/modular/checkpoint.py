@@ -17,6 +17,9 @@ Qwen3-FP8, Kimi-K2)
 FP8 per channel /        ``.weight`` e4m3 + ``.weight_scale`` [N, 1] /    ``CutlassFp8Experts.from_checkpoint``
 per tensor               [N] / [] or [1] (per tensor: broadcast to per
                          channel, exact)
+W4AFP8 (DeepSeek-R1)     ``{e}.gate_proj.weight`` int8 [I, H/2] +          ``CutlassW4A8Experts.from_checkpoint``
+                         ``.weight_scale_inv`` [I, H/128], optional
+                         ``.input_scale`` (max over experts), up, down
 gpt-oss (bf16)           ``gate_up_proj`` [E, H, 2I] (gate, up            ``TorchExperts.from_checkpoint``
                          interleaved), ``gate_up_proj_bias`` [E, 2I],
                          ``down_proj`` [E, I, H], ``down_proj_bias``
@@ -32,7 +35,8 @@ router                   ``weight`` [E, H], optional ``bias`` [E]         ``Fuse
 =======================  ==============================================  ===========================
 
 Per-expert tensors are stacked into w13 = [gate; up] (gate rows first) and w2. Checkpoint input
-scales (static activation scales) are not read: activations are quantized dynamically. For the
+scales (static activation scales) are not read for FP8: activations are quantized dynamically
+(W4AFP8 uses them, as SGLang does). For the
 fused (gpt-oss) layouts, the activation defaults to gpt-oss's: swigluoai, gate and up interleaved,
 alpha 1.702, limit 7.0 (pass ``activation="silu", gate_up_interleaved=False`` for a fused
 checkpoint without them, e.g. Llama 4's).
@@ -178,6 +182,26 @@ def load_fp8_experts(tensors, prefix: str, *, experts=None, names=("gate_proj", 
     s1 = torch.stack([torch.cat([channel(gate, e, I), channel(up, e, I)]) for e in ids])
     s2 = torch.stack([channel(down, e, H) for e in ids]).contiguous()
     return ExpertTensors("per_expert", w1, w2, s1.contiguous(), s2)
+
+
+def load_w4a8_experts(tensors, prefix: str, *, experts=None, names=("gate_proj", "up_proj", "down_proj")):
+    """W4AFP8 per-expert tensors (DeepSeek-R1 W4AFP8, as SGLang's W4AFp8 method loads them):
+    ``.weight`` int8 [N, K/2] (two int4 a byte), ``.weight_scale_inv`` [N, K/128], optional
+    ``.input_scale`` (static per-tensor activation scales: the maximum over the experts is taken, as
+    SGLang does, since one scale serves the whole grouped GEMM) -> (ExpertTensors, a1_scale, a2_scale)."""
+    who, src, prefix = "CutlassW4A8Experts.from_checkpoint", _Source(tensors), _norm_prefix(prefix)
+    ids = _expert_ids(src, prefix, names[0], experts, who)
+    gate, up, down = names
+    w1, w2 = _stack(src, prefix, ids, names, "weight", who)
+    if w1.dtype not in (torch.int8, torch.uint8):
+        raise ValueError(f"{who}: {prefix}{ids[0]}.{gate}.weight is {w1.dtype}, not int8/uint8 packed int4")
+    s1, s2 = _stack(src, prefix, ids, names, "weight_scale_inv", who)
+    a1 = a2 = None
+    if src.has(f"{prefix}{ids[0]}.{gate}.input_scale"):
+        a1 = torch.stack([src.get(f"{prefix}{e}.{n}.input_scale", who).float().reshape(())
+                          for e in ids for n in (gate, up)]).max().reshape(1)
+        a2 = torch.stack([src.get(f"{prefix}{e}.{down}.input_scale", who).float().reshape(()) for e in ids]).max().reshape(1)
+    return ExpertTensors("per_expert", w1, w2, s1.float().contiguous(), s2.float().contiguous()), a1, a2
 
 
 def flatten_mxfp4_blocks(w: Tensor) -> Tensor:

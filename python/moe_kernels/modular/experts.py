@@ -537,6 +537,21 @@ class CutlassW4A8Experts(_FixedDtypes, Experts):
         self._init_common(who, E, H, I, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
                           w1_bias, w2_bias, torch.float32)
 
+    @classmethod
+    def from_checkpoint(cls, tensors, prefix: str, *, experts: Optional[Sequence[int]] = None,
+                        names=("gate_proj", "up_proj", "down_proj"), static_input_scales: bool = True,
+                        activation: str = "silu", gate_up_interleaved: bool = False, swiglu_alpha: float = 1.702,
+                        swiglu_limit: float = 7.0) -> "CutlassW4A8Experts":
+        """From W4AFP8 per-expert tensors (DeepSeek-R1 W4AFP8): ``{prefix}{e}.gate_proj.weight`` int8
+        [I, H/2], ``.weight_scale_inv`` [I, H/128], optional ``.input_scale``; up_proj, down_proj.
+        The input scales become the static a1_scale / a2_scale (their maximum over the experts, as
+        SGLang takes them); static_input_scales=False ignores them (dynamic per-token scales)."""
+        w, a1, a2 = _ckpt.load_w4a8_experts(tensors, prefix, experts=experts, names=names)
+        if not static_input_scales:
+            a1 = a2 = None
+        return cls(w.w1, w.w2, w.w1_scale, w.w2_scale, a1, a2, activation=activation,
+                   gate_up_interleaved=gate_up_interleaved, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+
     def extra_repr(self) -> str:
         static = "static" if self.w13_input_scale is not None else "dynamic"
         return super().extra_repr() + f", a1={static}"
