@@ -124,8 +124,8 @@ class ExpertTensors:
 def _stack(src, prefix, ids, names, suffix, who):
     """[gate; up] per expert stacked -> [E, 2N, ...], and down -> [E, ...]."""
     gate, up, down = names
-    w1 = torch.stack([torch.cat([src.get(f"{prefix}{e}.{gate}.{suffix}", who), src.get(f"{prefix}{e}.{up}.{suffix}", who)])
-                      for e in ids])
+    w1 = torch.stack([torch.cat([src.get(f"{prefix}{e}.{gate}.{suffix}", who),
+                                 src.get(f"{prefix}{e}.{up}.{suffix}", who)]) for e in ids])
     w2 = torch.stack([src.get(f"{prefix}{e}.{down}.{suffix}", who) for e in ids])
     return w1, w2
 
@@ -136,15 +136,16 @@ def _select(t: Optional[Tensor], experts) -> Optional[Tensor]:
     return t[torch.as_tensor(list(experts), dtype=torch.long, device=t.device)]
 
 
-def load_float_experts(tensors, prefix: str, *, experts=None, names=("gate_proj", "up_proj", "down_proj")) -> ExpertTensors:
+def load_float_experts(tensors, prefix: str, *, experts=None,
+                       names=("gate_proj", "up_proj", "down_proj")) -> ExpertTensors:
     """Float (e.g. bf16) experts, per expert or gpt-oss's fused layout."""
     who, src, prefix = "TorchExperts.from_checkpoint", _Source(tensors), _norm_prefix(prefix)
     if src.has(f"{prefix}gate_up_proj"):
         # gpt-oss stores x @ W ([E, H, 2I], [E, I, H]); ours are W x: transpose once here.
         w1 = _select(src.get(f"{prefix}gate_up_proj", who), experts).transpose(1, 2).contiguous()
         w2 = _select(src.get(f"{prefix}down_proj", who), experts).transpose(1, 2).contiguous()
-        b1 = _select(src.get(f"{prefix}gate_up_proj_bias", who), experts) if src.has(f"{prefix}gate_up_proj_bias") else None
-        b2 = _select(src.get(f"{prefix}down_proj_bias", who), experts) if src.has(f"{prefix}down_proj_bias") else None
+        opt = (lambda n: _select(src.get(prefix + n, who), experts) if src.has(prefix + n) else None)
+        b1, b2 = opt("gate_up_proj_bias"), opt("down_proj_bias")
         return ExpertTensors("gpt_oss", w1, w2, w1_bias=b1, w2_bias=b2)
     if src.has(f"{prefix}gate_up_proj_blocks"):
         raise ValueError(f"{who}: {prefix} holds MXFP4 blocks: use CutlassMxfp4Experts.from_checkpoint (and its "
@@ -154,7 +155,8 @@ def load_float_experts(tensors, prefix: str, *, experts=None, names=("gate_proj"
     return ExpertTensors("per_expert", w1, w2)
 
 
-def load_fp8_experts(tensors, prefix: str, *, experts=None, names=("gate_proj", "up_proj", "down_proj")) -> ExpertTensors:
+def load_fp8_experts(tensors, prefix: str, *, experts=None,
+                     names=("gate_proj", "up_proj", "down_proj")) -> ExpertTensors:
     """e4m3 per-expert weights with block (``weight_scale_inv``) or per-channel / per-tensor
     (``weight_scale``) scales -> w1, w2 and fp32 scales in CutlassFp8Experts' layout."""
     who, src, prefix = "CutlassFp8Experts.from_checkpoint", _Source(tensors), _norm_prefix(prefix)
@@ -198,9 +200,10 @@ def load_w4a8_experts(tensors, prefix: str, *, experts=None, names=("gate_proj",
     s1, s2 = _stack(src, prefix, ids, names, "weight_scale_inv", who)
     a1 = a2 = None
     if src.has(f"{prefix}{ids[0]}.{gate}.input_scale"):
-        a1 = torch.stack([src.get(f"{prefix}{e}.{n}.input_scale", who).float().reshape(())
-                          for e in ids for n in (gate, up)]).max().reshape(1)
-        a2 = torch.stack([src.get(f"{prefix}{e}.{down}.input_scale", who).float().reshape(()) for e in ids]).max().reshape(1)
+        def max_scale(projs):
+            return torch.stack([src.get(f"{prefix}{e}.{n}.input_scale", who).float().reshape(())
+                                for e in ids for n in projs]).max().reshape(1)
+        a1, a2 = max_scale((gate, up)), max_scale((down,))
     return ExpertTensors("per_expert", w1, w2, s1.float().contiguous(), s2.float().contiguous()), a1, a2
 
 

@@ -111,8 +111,8 @@ class Experts(nn.Module):
         self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
         for name, b, shape in (("w1_bias", w1_bias, (E, 2 * I)), ("w2_bias", w2_bias, (E, H))):
             if b is not None and tuple(b.shape) != shape:
-                raise ValueError(f"{who}: {name} must be [{shape[0]}, {shape[1]}] (E, {'2I' if name == 'w1_bias' else 'H'}),"
-                                 f" got {tuple(b.shape)}")
+                what = "E, 2I" if name == "w1_bias" else "E, H"
+                raise ValueError(f"{who}: {name} must be [{shape[0]}, {shape[1]}] ({what}), got {tuple(b.shape)}")
             if b is not None and not b.is_floating_point():
                 raise ValueError(f"{who}: {name} must be a float tensor, got {b.dtype}")
         conv = (lambda b: b) if bias_dtype is None else (lambda b: b.to(bias_dtype))
@@ -520,7 +520,8 @@ class CutlassW4A8Experts(_FixedDtypes, Experts):
         who = "CutlassW4A8Experts"
         E, H, I = _check_w13_w2(who, w1, w2, packed=2)
         if w1.dtype not in (torch.int8, torch.uint8) or w2.dtype not in (torch.int8, torch.uint8):
-            raise ValueError(f"{who}: w1 and w2 must be int8 or uint8 (two int4 per byte), got {w1.dtype} and {w2.dtype}")
+            raise ValueError(f"{who}: w1 and w2 must be int8 or uint8 (two int4 per byte), got {w1.dtype} and "
+                             f"{w2.dtype}")
         if H % 128 or I % 128:
             raise ValueError(f"{who}: H and I must be multiples of 128 (one scale per 1x128 group), got H={H}, I={I}")
         for name, t, shape in (("w1_scale", w1_scale, (E, 2 * I, H // 128)), ("w2_scale", w2_scale, (E, H, I // 128))):
@@ -567,8 +568,9 @@ class CutlassW4A8Experts(_FixedDtypes, Experts):
         x, out_dtype = _bf16_rows(x, x_scale, "CutlassW4A8Experts")
         op = _fourbit_op("cutlass_moe_w4a8")
         # int8 (SGLang's dtype) or uint8 bytes: the op reads bytes; a view is free.
-        return op(x, self.w13_weight.view(torch.uint8), self.w2_weight.view(torch.uint8), topk_weights, topk_ids, self.w13_weight_scale_inv,
-                  self.w2_weight_scale_inv, self.w13_input_scale, self.w2_input_scale, activation=self.activation,
+        return op(x, self.w13_weight.view(torch.uint8), self.w2_weight.view(torch.uint8), topk_weights, topk_ids,
+                  self.w13_weight_scale_inv, self.w2_weight_scale_inv, self.w13_input_scale, self.w2_input_scale,
+                  activation=self.activation,
                   gate_up_interleaved=self.gate_up_interleaved, swiglu_alpha=self.swiglu_alpha,
                   swiglu_limit=self.swiglu_limit, w1_bias=self.w13_bias, w2_bias=self.w2_bias,
                   expert_map=expert_map, num_local_experts=-1 if expert_map is None else self.num_experts).to(out_dtype)
