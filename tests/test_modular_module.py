@@ -396,17 +396,24 @@ def test_mxfp4_experts_match_their_reference(a_dtype):
                              gate_up_interleaved=True, w1_bias=m.w13_bias, w2_bias=m.w2_bias, a_dtype=a_dtype)
     x, _, w, ids = routing(8)
     got = ex(x.to(torch.bfloat16), w, ids)
-    # bf16 activations (W4A16) or e4m3 per token (W4A8) against exact ones
-    assert rel_err(got, ex.reference()(x.to(torch.bfloat16).float(), w, ids)) < (2e-2 if a_dtype == torch.bfloat16 else 6e-2)
+    # Against exact activations: W4A16 rounds GEMM outputs to bf16 (2^-9; 2.8e-3 measured), W4A8 quantizes
+    # both GEMM inputs to e4m3 (about 3.6% rms each; 3.8% measured): bounds 2e-2 and 0.1. A wrong gate/up
+    # order gives ~1.36 (measured).
+    want = ex.reference()(x.to(torch.bfloat16).float(), w, ids)
+    assert rel_err(got, want) < (2e-2 if a_dtype == torch.bfloat16 else 0.1)
 
 
 @needs_w4a8
-def test_w4a8_experts_match_their_reference():
+@pytest.mark.parametrize("static", [True, False])
+def test_w4a8_experts_match_their_reference(static):
     ex = make_experts("w4a8")
+    if not static:
+        ex = CutlassW4A8Experts(ex.w13_weight, ex.w2_weight, ex.w13_weight_scale_inv, ex.w2_weight_scale_inv)
     x, _, w, ids = routing(9)
-    x = x * 0.5
+    x = x * 0.5   # |x| <= ~2: within the static scale's range (0.02 * 448)
     got = ex(x.to(torch.bfloat16), w, ids)
-    assert rel_err(got, ex.reference()(x, w, ids)) < 6e-2
+    # e4m3 at both GEMM inputs (about 3.6% rms each; 4.2% and 4.3% measured): the bound of the FP8 tests
+    assert rel_err(got, ex.reference()(x, w, ids)) < 0.1
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -575,7 +582,7 @@ def test_mxfp4_gpt_oss_checkpoint():
     ref = MoELayer(router, SingleGpu(E), ex.reference())
     # E2M1 x 2^k weights are exact in fp32: only summation order differs
     torch.testing.assert_close(ref(x).double(), want, rtol=1e-4, atol=1e-4)
-    if HAS_MXFP4:   # the op's CPU reference (branch fp4): bf16 activations
+    if HAS_MXFP4:   # the op's CPU reference (branch fp4): bf16 activations and GEMM outputs (2^-9)
         got = MoELayer(router, SingleGpu(E), ex)(x.to(torch.bfloat16))
         assert rel_err(got, want) < 2e-2
 
