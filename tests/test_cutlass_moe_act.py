@@ -297,3 +297,18 @@ def test_layer_cuda_matches_cpu_and_formula(mode, activation, interleaved, with_
     # covers one such flip on a one-token row; whole layers stay far below).
     assert rel_error(got.cpu(), want) < 2e-2
     assert rel_error(got.cpu(), ref) < TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["per_channel", "block"])
+def test_layer_opcheck_with_activation_keywords(device, mode):
+    from torch.library import opcheck
+
+    H, I = (256, 128) if mode == "block" else (160, 96)
+    x, w1, w2, w, ids, w1_s, w2_s, b1, b2 = (t.to(device) for t in make_layer(mode, 5, 4, 2, H, I, True))
+    per = mode == "per_channel"
+    # test_schema compares e4m3 inputs with a multiply that CPU torch lacks for float8: the fake
+    # kernel and the registration are what the new keywords could break.
+    opcheck(torch.ops.moe_kernels.cutlass_moe_fp8,
+            (x, w1, w2, w, ids, w1_s, w2_s, None, None, per, per, None, -1, False, "swigluoai", True, 1.5, 6.0, b1,
+             b2), test_utils=("test_faketensor", "test_autograd_registration"))
