@@ -12,6 +12,10 @@ below any real error (a wrong nibble order, scale, bias row or activation change
 tens of percent).
 """
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,11 +46,12 @@ def decode_mxfp4(w, s):
 
 
 def decode_int4(w, s):
-    """Signed nibbles times the fp32 scale per 128 along K, rounded to bf16 (the GEMM's input)."""
+    """Signed nibbles times the scale per 128 along K, the scale rounded to bf16 first (as SGLang keeps
+    W4AFP8 scales) and the product rounded to bf16 (the GEMM's input)."""
     codes = unpack_codes(w)
     q = codes - 16 * (codes >= 8).long()
-    v = q.double() * s.cpu().double().repeat_interleave(128, dim=-1)
-    return v.to(torch.bfloat16).double()
+    scale = s.cpu().to(torch.bfloat16).double().repeat_interleave(128, dim=-1)
+    return (q.double() * scale).to(torch.bfloat16).double()
 
 
 def activation_formula(gate, up, activation, alpha=1.702, limit=7.0):
@@ -248,6 +253,20 @@ def test_gemm_opcheck(fmt):
     if fmt == "mxfp4":
         a_bf = torch.randn(5, 128).to(torch.bfloat16)
         opcheck(op.default, (a_bf, w, s, off, None, None, "none", False, 1.702, 7.0))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a host C++ compiler")
+def test_word_decoders_equal_scalar_definitions(tmp_path):
+    """The kernels decode 8 codes a word with bit tricks and bf16x2 arithmetic; on the host (the same
+    functions, intrinsics emulated) they must equal the scalar definitions for every code, nibble
+    position and E8M0 scale, and for random words under INT4 scales across bf16's range."""
+    root = Path(__file__).resolve().parent.parent
+    exe = tmp_path / "decode_check"
+    subprocess.run(["g++", "-std=c++20", "-O1", f"-I{root / 'csrc'}", str(root / "tests" / "test_mxfp4_w4a8_decode.cpp"),
+                    "-o", str(exe)], check=True)
+    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert " 0 mismatches" in result.stdout
 
 
 # ---- layers on the CPU ----

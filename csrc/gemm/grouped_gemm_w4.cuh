@@ -192,50 +192,79 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   auto stage_ptr = [&](int stage) { return smem + stage * L::kStage; };
 
+  // What each thread copies and decodes is the same in every K tile: its rows' addresses are
+  // computed once. Weight chunk j of a thread is row tid/4 + j*kThreads/4, 32 K elements at
+  // chunk tid%4 of the tile; activation chunk j is row tid/kAChunksPerRow + j*kThreads/kAChunksPerRow.
+  constexpr int kElemsPerChunk = detail::kChunk / static_cast<int>(sizeof(AT));
+  constexpr int kAChunksPerRow = kBK / kElemsPerChunk;
+  constexpr int kAChunksPerThread = kBM * kAChunksPerRow / kThreads;
+  constexpr int kWChunksPerThread = kRows * 4 / kThreads;
+  static_assert(kAChunksPerThread >= 1 && kBM * kAChunksPerRow % kThreads == 0 && kThreads % kAChunksPerRow == 0,
+                "activation chunks must divide evenly among the threads");
+  static_assert(kWChunksPerThread >= 1 && kRows * 4 % kThreads == 0 && kRows <= kThreads,
+                "weight chunks must divide evenly among the threads, one scale row per thread at most");
+  const int a_c = tid % kAChunksPerRow;
+  const unsigned char* a_src[kAChunksPerThread];  // row start, nullptr past the expert's rows
+#pragma unroll
+  for (int j = 0; j < kAChunksPerThread; ++j) {
+    const int64_t row = row0 + tid / kAChunksPerRow + j * (kThreads / kAChunksPerRow);
+    a_src[j] = row < row_end ? a_bytes + row * K * static_cast<int64_t>(sizeof(AT)) : nullptr;
+  }
+  const int w_c = tid % 4;
+  const uint8_t* w_src[kWChunksPerThread];  // row start, nullptr past N
+  int sc_shift[kWChunksPerThread];          // MXFP4: the row's first scale byte within its aligned word
+#pragma unroll
+  for (int j = 0; j < kWChunksPerThread; ++j) {
+    const int g = weight_row(tid / 4 + j * (kThreads / 4));
+    w_src[j] = g >= 0 ? w_expert + static_cast<int64_t>(g) * (K / 2) : nullptr;
+    sc_shift[j] = g >= 0 ? static_cast<int>(((static_cast<int64_t>(e) * N + g) * groups_per_row) % 4) : 0;
+  }
+  // The scales of row tid (when tid < kRows): index of its first group, or -1 past N.
+  int64_t sc_first = -1;
+  if (tid < kRows) {
+    const int g = weight_row(tid);
+    if (g >= 0) sc_first = (static_cast<int64_t>(e) * N + g) * groups_per_row;
+  }
+
   auto load_stage = [&](int stage, int kt) {
     unsigned char* s_a = stage_ptr(stage);
     unsigned char* s_w = s_a + L::kARaw;
     unsigned char* s_sc = s_w + L::kWRaw;
     const int k0 = kt * kBK;
     // Activation rows: K is a multiple of 32, so a chunk is either wholly inside K or past it.
-    constexpr int kElemsPerChunk = detail::kChunk / static_cast<int>(sizeof(AT));
-    constexpr int kAChunksPerRow = kBK / kElemsPerChunk;
-    for (int i = tid; i < kBM * kAChunksPerRow; i += kThreads) {
-      const int r = i / kAChunksPerRow;
-      const int c = i % kAChunksPerRow;
-      const int64_t row = row0 + r;
-      const int k = k0 + c * kElemsPerChunk;
-      const bool ok = row < row_end && k < K;
-      const void* src = ok ? a_bytes + (row * K + k) * static_cast<int64_t>(sizeof(AT)) : p.a;
-      detail::cp_async_16(s_a + r * detail::ActTraits<AT>::kRawPitch + c * detail::kChunk, src, ok);
+    const int ak = k0 + a_c * kElemsPerChunk;
+#pragma unroll
+    for (int j = 0; j < kAChunksPerThread; ++j) {
+      const int r = tid / kAChunksPerRow + j * (kThreads / kAChunksPerRow);
+      const bool ok = a_src[j] != nullptr && ak < K;
+      const void* src = ok ? a_src[j] + ak * static_cast<int64_t>(sizeof(AT)) : p.a;
+      detail::cp_async_16(s_a + r * detail::ActTraits<AT>::kRawPitch + a_c * detail::kChunk, src, ok);
     }
     // Packed weights: 4 chunks of 32 K elements per row.
-    for (int i = tid; i < kRows * 4; i += kThreads) {
-      const int r = i / 4;
-      const int c = i % 4;
-      const int g = weight_row(r);
-      const int k = k0 + c * 32;
-      const bool ok = g >= 0 && k < K;
-      const void* src = ok ? w_expert + static_cast<int64_t>(g) * (K / 2) + k / 2 : p.w;
-      detail::cp_async_16(s_w + r * detail::kWeightBytesPerRow + c * detail::kChunk, src, ok);
+    const int wk = k0 + w_c * 32;
+#pragma unroll
+    for (int j = 0; j < kWChunksPerThread; ++j) {
+      const int r = tid / 4 + j * (kThreads / 4);
+      const bool ok = w_src[j] != nullptr && wk < K;
+      const void* src = ok ? w_src[j] + wk / 2 : p.w;
+      detail::cp_async_16(s_w + r * detail::kWeightBytesPerRow + w_c * detail::kChunk, src, ok);
     }
     // Scales, one 8-byte slot per row. INT4: the tile's one fp32 scale. MXFP4: the tile's (up to)
     // four scale bytes start at any byte (K/32 need not be a multiple of 4), so the slot holds
     // the aligned word containing the first and, if they straddle, the next one; only words that
     // contain a byte of this row's tile are read, so nothing past the tensor is touched.
-    for (int r = tid; r < kRows; r += kThreads) {
-      const int g = weight_row(r);
-      if (g < 0) continue;
-      const int64_t first = (static_cast<int64_t>(e) * N + g) * groups_per_row + k0 / kGroup;
+    if (sc_first >= 0) {
+      const int64_t first = sc_first + k0 / kGroup;
+      unsigned char* slot = s_sc + tid * detail::kScaleSlotBytes;
       if constexpr (kFormat == WeightFormat::kInt4) {
-        detail::cp_async_4(s_sc + r * detail::kScaleSlotBytes, static_cast<const float*>(p.w_scale) + first);
+        detail::cp_async_4(slot, static_cast<const float*>(p.w_scale) + first);
       } else {
         const auto* sc = static_cast<const uint8_t*>(p.w_scale);
         const int count = min(kBK, K - k0) / kMxfp4Group;
         const int64_t w0 = first / 4;
         const int64_t w1 = (first + count - 1) / 4;
-        detail::cp_async_4(s_sc + r * detail::kScaleSlotBytes, sc + 4 * w0);
-        if (w1 != w0) detail::cp_async_4(s_sc + r * detail::kScaleSlotBytes + 4, sc + 4 * w1);
+        detail::cp_async_4(slot, sc + 4 * w0);
+        if (w1 != w0) detail::cp_async_4(slot + 4, sc + 4 * w1);
       }
     }
   };
@@ -243,49 +272,45 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   unsigned char* s_wdec = smem + L::kWDecoded;
   unsigned char* s_adec = smem + L::kADecoded;
 
-  // Raw stage -> bf16 weights (and bf16 activations for e4m3 input) in shared memory. Codes of
-  // rows or K chunks outside the problem become zeros (their scale slots hold stale bytes).
+  // Raw stage -> bf16 weights (and bf16 activations for e4m3 input) in shared memory, each thread
+  // the chunks it copied. Codes of rows or K chunks outside the problem become zeros (their scale
+  // slots hold stale bytes).
   auto decode_stage = [&](int stage, int kt) {
     const unsigned char* s_a = stage_ptr(stage);
     const unsigned char* s_w = s_a + L::kARaw;
     const unsigned char* s_sc = s_w + L::kWRaw;
     const int k0 = kt * kBK;
-    for (int i = tid; i < kRows * 4; i += kThreads) {
-      const int r = i / 4;
-      const int c = i % 4;
-      const int g = weight_row(r);
-      const bool ok = g >= 0 && k0 + c * 32 < K;
+    const bool k_ok = k0 + w_c * 32 < K;
+#pragma unroll
+    for (int j = 0; j < kWChunksPerThread; ++j) {
+      const int r = tid / 4 + j * (kThreads / 4);
+      const int c = w_c;
+      const bool ok = w_src[j] != nullptr && k_ok;
       const uint4 raw = *reinterpret_cast<const uint4*>(s_w + r * detail::kWeightBytesPerRow + c * detail::kChunk);
-      float scale_f = 0.0f;
-      uint32_t scale_b = 0;
-      if (ok) {
-        if constexpr (kFormat == WeightFormat::kInt4) {
-          scale_f = *reinterpret_cast<const float*>(s_sc + r * detail::kScaleSlotBytes);
-        } else {
-          const int64_t first = (static_cast<int64_t>(e) * N + g) * groups_per_row + k0 / kGroup;
-          scale_b = s_sc[r * detail::kScaleSlotBytes + static_cast<int>(first % 4) + c];
-        }
+      uint4* dst = reinterpret_cast<uint4*>(s_wdec + r * L::kBf16Pitch + c * 64);
+      if (!ok) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) dst[v] = make_uint4(0u, 0u, 0u, 0u);
+        continue;
       }
       const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-      __nv_bfloat162 out[16];
+      uint32_t out[4];
+      if constexpr (kFormat == WeightFormat::kInt4) {
+        const uint32_t scale = int4_scale_bf16x2(*reinterpret_cast<const float*>(s_sc + r * detail::kScaleSlotBytes));
 #pragma unroll
-      for (int b = 0; b < 16; ++b) {
-        const uint32_t byte = (words[b / 4] >> (8 * (b % 4))) & 0xffu;
-        float lo = 0.0f, hi = 0.0f;
-        if (ok) {
-          if constexpr (kFormat == WeightFormat::kInt4) {
-            lo = int4_value(byte & 0xfu, scale_f);
-            hi = int4_value(byte >> 4, scale_f);
-          } else {
-            lo = mxfp4_value(byte & 0xfu, scale_b);
-            hi = mxfp4_value(byte >> 4, scale_b);
-          }
+        for (int v = 0; v < 4; ++v) {
+          decode8_int4(words[v], scale, out);
+          dst[v] = make_uint4(out[0], out[1], out[2], out[3]);
         }
-        out[b] = __floats2bfloat162_rn(lo, hi);  // .x the even (low-nibble) element
-      }
-      uint4* dst = reinterpret_cast<uint4*>(s_wdec + r * L::kBf16Pitch + c * 64);
+      } else {
+        // first % 4 = (row base + k0/32) % 4 with k0/32 a multiple of 4: the row's shift.
+        const Mxfp4Factors f = mxfp4_factors(s_sc[r * detail::kScaleSlotBytes + sc_shift[j] + c]);
 #pragma unroll
-      for (int v = 0; v < 4; ++v) dst[v] = reinterpret_cast<const uint4*>(out)[v];
+        for (int v = 0; v < 4; ++v) {
+          decode8_mxfp4(words[v], f, out);
+          dst[v] = make_uint4(out[0], out[1], out[2], out[3]);
+        }
+      }
     }
     if constexpr (L::kConvertA) {
       // e4m3 -> bf16 is exact (3 mantissa bits, exponents 2^-9..2^8 inside bf16's range).

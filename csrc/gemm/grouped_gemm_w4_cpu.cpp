@@ -10,32 +10,7 @@
 namespace moe_kernels::w4 {
 namespace {
 
-float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-
-uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  return b;
-}
-
-// fp32 -> bf16 (round to nearest, ties to even), returned as the fp32 it represents.
-float round_to_bf16(float x) {
-  if (std::isnan(x)) return x;
-  const uint32_t b = float_to_bits(x);
-  const uint32_t rounded = b + 0x7fffu + ((b >> 16) & 1u);
-  return bits_to_float(rounded & 0xffff0000u);
-}
-
-uint16_t bf16_bits(float x) {
-  if (std::isnan(x)) return 0x7fc0;
-  return static_cast<uint16_t>(float_to_bits(round_to_bf16(x)) >> 16);
-}
-
-float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+uint16_t bf16_bits(float x) { return static_cast<uint16_t>(bf16_bits_rn(x)); }
 
 // float8_e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinities, S.1111.111 NaN.
 float e4m3_to_float(uint8_t v) {
@@ -70,22 +45,21 @@ void grouped_gemm_w4_reference(const W4GemmArgs& p) {
     const int64_t begin = p.expert_offsets[e];
     const int64_t end = p.expert_offsets[e + 1];
     if (end <= begin) continue;
-    // The expert's weight as the GEMM multiplies it: bf16(decode(code, scale)).
+    // The expert's weight as the GEMM multiplies it (w4_format.h): a bf16 per code.
     for (int64_t n = 0; n < N; ++n) {
       const uint8_t* codes = p.w + (e * N + n) * (K / 2);
       for (int64_t k = 0; k < K; ++k) {
         const uint32_t code = (k % 2 == 0) ? (codes[k / 2] & 0xfu) : (codes[k / 2] >> 4);
         const int64_t s = (e * N + n) * groups + k / group;
-        const float v = p.format == WeightFormat::kMxfp4
-                            ? mxfp4_value(code, static_cast<const uint8_t*>(p.w_scale)[s])
-                            : int4_value(code, static_cast<const float*>(p.w_scale)[s]);
-        w_dec[n * K + k] = round_to_bf16(v);
+        w_dec[n * K + k] = p.format == WeightFormat::kMxfp4
+                               ? mxfp4_weight(code, static_cast<const uint8_t*>(p.w_scale)[s])
+                               : int4_weight(code, static_cast<const float*>(p.w_scale)[s]);
       }
     }
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t k = 0; k < K; ++k) {
         a_row[k] = p.a_dtype == DType::kFloat8E4M3 ? e4m3_to_float(static_cast<const uint8_t*>(p.a)[r * K + k])
-                                                   : bf16_to_float(static_cast<const uint16_t*>(p.a)[r * K + k]);
+                                                   : bf16_bits_to_float(static_cast<const uint16_t*>(p.a)[r * K + k]);
       }
       const float a_scale = p.a_scale ? p.a_scale[p.a_scale_per_row ? r : 0] : 1.0f;
       for (int64_t n = 0; n < N; ++n) {

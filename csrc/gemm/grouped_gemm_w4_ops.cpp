@@ -152,6 +152,12 @@ Tensor run_w4_gemm(const char* op, WeightFormat format, bool cuda, const Tensor&
   const int cc = compute_capability(device);
   STD_TORCH_CHECK(cc >= 80, op, ": needs a GPU of compute capability 8.0 or newer (bf16 tensor cores, cp.async), "
                   "cuda:", device, " has ", cc / 10, ".", cc % 10);
+  // The kernel copies a and w in 16-byte vectors and MXFP4 scales in aligned 4-byte words (a view
+  // that starts mid-allocation may break that; fresh allocations are 512-byte aligned).
+  auto aligned = [](const Tensor& t, uintptr_t n) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % n == 0; };
+  STD_TORCH_CHECK(aligned(a, 16), op, ": a's data must be 16-byte aligned (a view at an odd offset?)");
+  STD_TORCH_CHECK(aligned(w, 16), op, ": w's data must be 16-byte aligned (a view at an odd offset?)");
+  STD_TORCH_CHECK(aligned(w_scale, 4), op, ": w_scale's data must be 4-byte aligned (a view at an odd offset?)");
   const CudaDeviceScope scope(a);
   Tensor out = empty_on({s.m, s.out_cols}, kBFloat16, a);
   const w4::W4GemmArgs p =
