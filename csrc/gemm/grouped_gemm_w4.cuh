@@ -9,14 +9,15 @@
 // (sm_80+: cp.async and bf16 tensor cores through the WMMA API) and fuses GEMM1's gated
 // activation and both biases into its epilogue.
 //
-// Structure: grid (m-tile slot, n tile). The slots are a static upper bound of the tiles the
-// routing can need, ceil(M / BM) + E, so the grid never depends on data (no host sync, CUDA-graph
-// capturable); each CTA finds its expert and rows from expert_offsets on the device and exits
-// when its slot is past the last tile. Per K tile of 128: 16-byte cp.async copies of the packed
-// weight rows, their scales and the activation rows into a multi-stage shared-memory ring; the
-// weights decoded to bf16 in shared memory (and e4m3 activations converted, exactly, to bf16);
-// WMMA bf16 16x16x16 with fp32 accumulators. Weights dominate the bytes at decode, so tiles are
-// streamed once per expert and CTA count scales with N.
+// Structure: persistent CTAs (as many as fit on the GPU, at most the work the routing can need
+// under a static bound, so the launch never depends on data: no host sync, CUDA-graph capturable)
+// walk the (n tile, m tile) items; each CTA derives the experts' m tiles from expert_offsets on the
+// device (a prefix sum in shared memory) and finds an item's expert by binary search. Per K tile of
+// 128: 16-byte cp.async copies of the packed weight rows, their scales and the activation rows
+// into a multi-stage shared-memory ring; the weights decoded to bf16 in shared memory 8 codes at a
+// time with bit operations and bf16x2 multiplies (e4m3 activations converted, exactly, to bf16);
+// WMMA bf16 16x16x16 with fp32 accumulators. Weights dominate the bytes at decode, so each weight
+// tile is streamed once per expert m tile and the decode costs a few instructions per weight.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "gemm/w4_format.h"
@@ -105,71 +107,30 @@ struct SmemLayout {
   static_assert(kStage % 32 == 0 && kWDecoded % 32 == 0 && kADecoded % 32 == 0 && (16 * kBf16Pitch) % 32 == 0,
                 "shared-memory buffers must stay 32-byte aligned");
   // Opt-in shared memory of sm_86, sm_89 and sm_120 (the smallest of the targets): 99 KiB.
-  static_assert(kBytes <= 99 * 1024, "tile configuration exceeds 99 KiB of shared memory");
+  static_assert(kBytes + (kMaxW4Experts + 1) * 4 <= 99 * 1024,
+                "tile configuration exceeds 99 KiB of shared memory (with the static m-tile prefix sums)");
 };
 
 }  // namespace detail
 
+// One work item: rows [row0, min(row0 + BM, row_end)) of expert e times its weight tile n_tile,
+// through the whole K, into out. Ends with the accumulators in (and read from) shared memory.
 template <WeightFormat kFormat, typename AT, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads)
-    grouped_gemm_w4_kernel(const W4GemmArgs p) {
+__device__ __forceinline__ void grouped_gemm_w4_tile(const W4GemmArgs& p, unsigned char* smem, int e, int64_t row0,
+                                                     int64_t row_end, int n_tile) {
   using namespace nvcuda;
   using L = detail::SmemLayout<Cfg, AT>;
   constexpr int kBM = Cfg::kBlockM;
   constexpr int kRows = Cfg::kRows;
   constexpr int kBK = Cfg::kBlockK;
   constexpr int kThreads = Cfg::kThreads;
-  extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ int s_expert;
-  __shared__ int64_t s_row0;
-  __shared__ int64_t s_row_end;
-
   const int tid = threadIdx.x;
   const int warp = tid / 32;
-  const int lane = tid % 32;
-
-  // Slot blockIdx.x -> (expert, first row): expert e owns ceil(rows_e / BM) consecutive slots in
-  // expert order; warp 0 scans the offsets 32 experts at a time with a warp prefix sum.
-  if (warp == 0) {
-    const int64_t slot = blockIdx.x;
-    int64_t base = 0;
-    int found = -1;
-    for (int e0 = 0; e0 < p.num_experts && found < 0; e0 += 32) {
-      const int e = e0 + lane;
-      int64_t rows = 0;
-      if (e < p.num_experts) rows = p.expert_offsets[e + 1] - p.expert_offsets[e];
-      const int64_t tiles = (rows + kBM - 1) / kBM;
-      int64_t incl = tiles;
-#pragma unroll
-      for (int d = 1; d < 32; d *= 2) {
-        const int64_t t = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += t;
-      }
-      const bool mine = tiles > 0 && slot >= base + incl - tiles && slot < base + incl;
-      const unsigned ballot = __ballot_sync(0xffffffffu, mine);
-      if (ballot != 0) {
-        found = e0 + __ffs(ballot) - 1;
-        if (mine) {
-          s_expert = e;
-          s_row0 = p.expert_offsets[e] + (slot - (base + incl - tiles)) * kBM;
-          s_row_end = p.expert_offsets[e + 1];
-        }
-      }
-      base += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (found < 0 && lane == 0) s_expert = -1;
-  }
-  __syncthreads();
-  const int e = s_expert;
-  if (e < 0) return;
-  const int64_t row0 = s_row0;
-  const int64_t row_end = s_row_end;
-
   const int N = p.n;
   const int K = p.k;
   const bool gated = p.activation != Activation::kNone;
   const int half_n = N / 2;
-  const int n_tile = blockIdx.y;
+
   // The weight row of local row r of this CTA, or -1 past the end. Gated: rows [0, kRows/2) are
   // the gate rows of output columns n_tile * kRows/2 + r, the rest the matching up rows.
   auto weight_row = [&](int r) -> int {
@@ -430,22 +391,111 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 }
 
-// Grid: x = m-tile slots (static bound), y = n tiles. Returns the launch's error.
+template <WeightFormat kFormat, typename AT, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    grouped_gemm_w4_kernel(const W4GemmArgs p) {
+  constexpr int kBM = Cfg::kBlockM;
+  constexpr int kRows = Cfg::kRows;
+  extern __shared__ __align__(128) unsigned char smem[];
+  // Prefix sums of the m tiles per expert: expert e owns tiles [s_tiles[e], s_tiles[e+1]).
+  __shared__ int s_tiles[kMaxW4Experts + 1];
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int E = p.num_experts;
+
+  // Warp 0 scans the offsets 32 experts at a time (a warp prefix sum of ceil(rows_e / BM)).
+  if (warp == 0) {
+    int base = 0;
+    if (lane == 0) s_tiles[0] = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+      const int e = e0 + lane;
+      const int64_t rows = e < E ? p.expert_offsets[e + 1] - p.expert_offsets[e] : 0;
+      const int tiles = static_cast<int>((rows + kBM - 1) / kBM);
+      int incl = tiles;
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int t = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += t;
+      }
+      if (e < E) s_tiles[e + 1] = base + incl;
+      base += __shfl_sync(0xffffffffu, incl, 31);
+    }
+  }
+  __syncthreads();
+
+  const int N = p.n;
+  const bool gated = p.activation != Activation::kNone;
+  const int half_n = N / 2;
+  const int n_tiles = gated ? (half_n + kRows / 2 - 1) / (kRows / 2) : (N + kRows - 1) / kRows;
+  const int m_tiles = s_tiles[E];
+  const int64_t work = static_cast<int64_t>(m_tiles) * n_tiles;
+  // Persistent CTAs over (n tile, m tile) items, n-major: CTAs running together share a weight
+  // tile across an expert's m tiles (L2 reuse at prefill); at decode every item is one expert's
+  // weight tile, read once. The grid is at most what fits on the GPU at once, so no CTA waits
+  // for a slot only to find it empty.
+  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {
+    const int n_tile = static_cast<int>(item / m_tiles);
+    const int m_tile = static_cast<int>(item % m_tiles);
+    // The expert owning m_tile: the last e with s_tiles[e] <= m_tile (binary search, the same in
+    // every thread; empty experts repeat a prefix value and are skipped).
+    int lo = 0, hi = E;  // s_tiles[lo] <= m_tile < s_tiles[hi]
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (s_tiles[mid] <= m_tile) lo = mid; else hi = mid;
+    }
+    const int64_t row0 = p.expert_offsets[lo] + static_cast<int64_t>(m_tile - s_tiles[lo]) * kBM;
+    grouped_gemm_w4_tile<kFormat, AT, Cfg>(p, smem, lo, row0, p.expert_offsets[lo + 1], n_tile);
+    __syncthreads();  // the next item's copies overwrite the accumulators' shared memory
+  }
+}
+
+
+// CTAs of this kernel that fit on one SM of the current device, times its SMs: the persistent
+// grid. Queried once per device (host calls only, so also fine while a CUDA graph is captured).
+template <WeightFormat kFormat, typename AT, class Cfg>
+int resident_ctas() {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};  // 0: not yet asked; one cache per kernel instantiation
+  auto kernel = grouped_gemm_w4_kernel<kFormat, AT, Cfg>;
+  constexpr int threads = Cfg::kThreads;
+  constexpr int smem_bytes = detail::SmemLayout<Cfg, AT>::kBytes;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 0;
+  int n = __atomic_load_n(&cache[device], __ATOMIC_RELAXED);
+  if (n == 0) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess) return 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess) return 0;
+    n = sms * (per_sm > 0 ? per_sm : 1);
+    __atomic_store_n(&cache[device], n, __ATOMIC_RELAXED);
+  }
+  return n;
+}
+
+// Grid: persistent CTAs, at most the items the routing can need (ceil(M / BM) + E m tiles, a
+// static bound) times the n tiles, at most what fits on the GPU. Returns the launch's error.
 template <WeightFormat kFormat, typename AT, class Cfg>
 cudaError_t launch_grouped_gemm_w4_typed(const W4GemmArgs& args, cudaStream_t stream) {
   using L = detail::SmemLayout<Cfg, AT>;
-  const int64_t slots = (args.m + Cfg::kBlockM - 1) / Cfg::kBlockM + args.num_experts;
+  if (args.num_experts > kMaxW4Experts) return cudaErrorInvalidValue;
+  const int64_t m_tiles_bound = (args.m + Cfg::kBlockM - 1) / Cfg::kBlockM + args.num_experts;
   const bool gated = args.activation != Activation::kNone;
   const int cols_per_tile = gated ? Cfg::kRows / 2 : Cfg::kRows;
   const int out_cols = gated ? args.n / 2 : args.n;
-  const int n_tiles = (out_cols + cols_per_tile - 1) / cols_per_tile;
-  if (slots == 0 || n_tiles == 0 || args.m == 0) return cudaSuccess;
+  const int64_t n_tiles = (out_cols + cols_per_tile - 1) / cols_per_tile;
+  if (args.m == 0 || n_tiles == 0) return cudaSuccess;
   auto kernel = grouped_gemm_w4_kernel<kFormat, AT, Cfg>;
-  // Above 48 KiB, dynamic shared memory must be opted into (per function, on the current device).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(slots), static_cast<unsigned>(n_tiles)), Cfg::kThreads, L::kBytes, stream>>>(
-      args);
+  // Above 48 KiB, dynamic shared memory must be opted into (per function and device, once).
+  const int resident = resident_ctas<kFormat, AT, Cfg>();
+  if (resident == 0) {
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
+  }
+  const int64_t grid = std::min<int64_t>(m_tiles_bound * n_tiles, resident);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, L::kBytes, stream>>>(args);
   return cudaGetLastError();
 }
 

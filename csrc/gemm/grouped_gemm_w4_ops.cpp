@@ -58,8 +58,8 @@ W4Problem check_w4_gemm_args(const char* op, WeightFormat format, const Tensor& 
                   shape_of(w));
   STD_TORCH_CHECK(K % group == 0 && K > 0, op, ": K (a.size(1)) must be a positive multiple of ", group,
                   " (the weight scale group), got ", K);
-  STD_TORCH_CHECK(E > 0 && N > 0 && N < (int64_t{1} << 30) && K < (int64_t{1} << 30), op,
-                  ": w must have E > 0 experts and 0 < N, K < 2^30, got shape ", shape_of(w));
+  STD_TORCH_CHECK(E > 0 && E <= w4::kMaxW4Experts && N > 0 && N < (int64_t{1} << 30) && K < (int64_t{1} << 30), op,
+                  ": w must have 1 to ", w4::kMaxW4Experts, " experts and 0 < N, K < 2^30, got shape ", shape_of(w));
 
   check_dim(op, "w_scale", w_scale, 3, mxfp4 ? "[E, N, K/32]" : "[E, N, K/128]");
   STD_TORCH_CHECK(w_scale.size(0) == E && w_scale.size(1) == N && w_scale.size(2) == K / group, op,

@@ -10,6 +10,10 @@
 
 namespace moe_kernels::w4 {
 
+// Experts a launch may have (the kernel keeps their m-tile prefix sums in shared memory); as
+// moe_permute's kMaxSortExperts.
+constexpr int kMaxW4Experts = 1024;
+
 // For the rows r of expert e (expert_offsets[e] <= r < expert_offsets[e+1]):
 //   acc[r, n] = sum_k bf16(a[r, k]) * bf16(decode(w[e, n, k]))  (fp32 accumulation)
 //   y[r, n]   = acc[r, n] * a_scale[r or 0] + bias[e, n]       (a_scale, bias when given)
