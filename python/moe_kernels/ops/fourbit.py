@@ -11,11 +11,12 @@ checkpoints' layout: gpt-oss's ``*_blocks [E, N, K/32, 16]`` is a reshape away).
 - INT4: signed two's-complement codes in [-8, 7], one float32 scale per 128 consecutive K elements,
   ``float32 [E, N, K/128]``; value = q * scale.
 
-Numerics: the kernels multiply in bfloat16 with fp32 accumulation. A weight enters as
-bf16(value): exact for MXFP4, one round-to-nearest-even for INT4 (q * scale). e4m3 activations
-convert exactly to bf16; their per-token (or per-tensor) scale multiplies the fp32 accumulator. So
-products equal an FP8-MMA W4A8's up to the fp32 accumulation order. The CPU references compute the
-same thing with plain loops.
+Numerics: the kernels multiply in bfloat16 with fp32 accumulation. An MXFP4 weight enters as its
+exact value (every finite e2m1 * 2^k is a bf16); an INT4 weight as bf16(q * bf16(scale)) (the scale
+rounded to bf16 as SGLang keeps W4AFP8 scales, the product rounded once). e4m3 activations convert
+exactly to bf16; their per-token (or per-tensor) scale multiplies the fp32 accumulator. So for MXFP4
+the products equal an FP8-MMA W4A8's (e2m1 is exact in e4m3) up to the fp32 accumulation order. The
+CPU references compute the same thing with plain loops.
 """
 
 from typing import Optional
@@ -67,8 +68,9 @@ def grouped_gemm_w4a8(a: Tensor, w: Tensor, w_scale: Tensor, expert_offsets: Ten
                       swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
     """Grouped GEMM over experts with signed INT4 weights and float8_e4m3fn activations.
 
-    The formula of :func:`grouped_gemm_mxfp4` with ``w_value = q * w_scale`` (one fp32 scale per
-    128 K elements, rounded once to bf16 as the GEMM's input).
+    The formula of :func:`grouped_gemm_mxfp4` with ``w_value = bf16(q * bf16(w_scale))`` (one
+    scale per 128 K elements, rounded to bf16 as SGLang keeps W4AFP8 scales, the product rounded
+    once more to the GEMM's bf16 input).
 
     Args:
         a: [M, K] float8_e4m3fn, rows grouped by expert. K a multiple of 128.
