@@ -7,44 +7,44 @@
 
 namespace moe_kernels {
 
-GateConfig check_fused_gate_args(const at::Tensor& scores, const std::optional<at::Tensor>& bias,
+GateConfig check_fused_gate_args(const Tensor& scores, const std::optional<Tensor>& bias,
                                  int64_t num_expert_group, int64_t topk_group, int64_t topk,
-                                 c10::string_view scoring_func, int64_t num_fused_shared_experts,
+                                 std::string_view scoring_func, int64_t num_fused_shared_experts,
                                  double routed_scaling_factor, bool apply_routed_scaling_factor_on_output) {
   const char* op = "moe_fused_gate";
-  TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D [T, E], got shape ", scores.sizes());
+  STD_TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D [T, E], got shape ", shape_of(scores));
   const auto dt = scores.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+  STD_TORCH_CHECK(dt == kFloat || dt == kHalf || dt == kBFloat16, op,
               ": scores must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(scores.is_contiguous(), op, ": scores must be contiguous");
+  STD_TORCH_CHECK(scores.is_contiguous(), op, ": scores must be contiguous");
   const int64_t E = scores.size(1);
-  TORCH_CHECK(E >= 1 && E <= kMaxGateExperts, op, ": scores must have 1 to ", kMaxGateExperts,
+  STD_TORCH_CHECK(E >= 1 && E <= kMaxGateExperts, op, ": scores must have 1 to ", kMaxGateExperts,
               " experts (columns), got ", E);
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == E, op, ": bias must have shape [", E, "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == dt, op, ": bias must be float32 or ", dt,
+    STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == E, op, ": bias must have shape [", E, "], got ", shape_of(*bias));
+    STD_TORCH_CHECK(bias->scalar_type() == kFloat || bias->scalar_type() == dt, op, ": bias must be float32 or ", dt,
                 " (as scores), got ", bias->scalar_type());
-    TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
-    TORCH_CHECK(bias->device() == scores.device(), op, ": bias must be on ", scores.device(), ", got ",
-                bias->device());
+    STD_TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
+    STD_TORCH_CHECK(same_device(*bias, scores), op, ": bias must be on ", device_of(scores), ", got ",
+                    device_of(*bias));
   }
-  TORCH_CHECK(num_expert_group >= 1 && E % num_expert_group == 0, op, ": num_expert_group must divide the ", E,
+  STD_TORCH_CHECK(num_expert_group >= 1 && E % num_expert_group == 0, op, ": num_expert_group must divide the ", E,
               " experts, got ", num_expert_group);
-  TORCH_CHECK(topk_group >= 1 && topk_group <= num_expert_group, op, ": topk_group must be in [1, num_expert_group=",
+  STD_TORCH_CHECK(topk_group >= 1 && topk_group <= num_expert_group, op, ": topk_group must be in [1, num_expert_group=",
               num_expert_group, "], got ", topk_group);
-  TORCH_CHECK(!bias || topk_group == num_expert_group || E / num_expert_group >= 2, op,
+  STD_TORCH_CHECK(!bias || topk_group == num_expert_group || E / num_expert_group >= 2, op,
               ": with a bias, groups are scored by their top-2 experts, so groups need >= 2 experts, got ",
               E / num_expert_group);
   const int64_t available = topk_group * (E / num_expert_group);
-  TORCH_CHECK(topk >= 1 && topk <= available, op, ": topk must be in [1, ", available,
+  STD_TORCH_CHECK(topk >= 1 && topk <= available, op, ": topk must be in [1, ", available,
               "] (the experts in topk_group=", topk_group, " kept groups), got ", topk);
-  TORCH_CHECK(num_fused_shared_experts >= 0, op, ": num_fused_shared_experts must be >= 0, got ",
+  STD_TORCH_CHECK(num_fused_shared_experts >= 0, op, ": num_fused_shared_experts must be >= 0, got ",
               num_fused_shared_experts);
-  TORCH_CHECK(topk + num_fused_shared_experts <= kMaxTopK, op, ": topk + num_fused_shared_experts must be <= ",
+  STD_TORCH_CHECK(topk + num_fused_shared_experts <= kMaxTopK, op, ": topk + num_fused_shared_experts must be <= ",
               kMaxTopK, ", got ", topk + num_fused_shared_experts);
-  TORCH_CHECK(scoring_func == "sigmoid" || scoring_func == "softmax", op,
+  STD_TORCH_CHECK(scoring_func == "sigmoid" || scoring_func == "softmax", op,
               ": scoring_func must be \"sigmoid\" or \"softmax\", got \"", std::string(scoring_func), "\"");
-  TORCH_CHECK(routed_scaling_factor > 0, op, ": routed_scaling_factor must be positive, got ", routed_scaling_factor);
+  STD_TORCH_CHECK(routed_scaling_factor > 0, op, ": routed_scaling_factor must be positive, got ", routed_scaling_factor);
   // The fused layer computes sum_k w_k * routed_k + sum_j w_shared * shared_j. The unfused layer is
   // rsf * sum(routed) + shared: with rsf applied to the routed weights here, the shared slots
   // weigh 1; when the caller multiplies the whole output by rsf, they weigh 1/rsf.

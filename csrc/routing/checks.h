@@ -1,10 +1,10 @@
 // Argument checks of moe_fused_gate, shared by the CUDA and CPU implementations.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/stable_glue.h"
 
 #include <optional>
-#include <string>
+#include <string_view>
 
 namespace moe_kernels {
 
@@ -14,9 +14,9 @@ struct GateConfig {
   float output_scale;   // factor on the routed weights
 };
 
-GateConfig check_fused_gate_args(const at::Tensor& scores, const std::optional<at::Tensor>& bias,
+GateConfig check_fused_gate_args(const Tensor& scores, const std::optional<Tensor>& bias,
                                  int64_t num_expert_group, int64_t topk_group, int64_t topk,
-                                 c10::string_view scoring_func, int64_t num_fused_shared_experts,
+                                 std::string_view scoring_func, int64_t num_fused_shared_experts,
                                  double routed_scaling_factor, bool apply_routed_scaling_factor_on_output);
 
 }  // namespace moe_kernels

@@ -25,9 +25,9 @@ int argmax(const std::vector<float>& v, const std::vector<bool>& allowed) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> moe_fused_gate(const at::Tensor& scores, const std::optional<at::Tensor>& bias,
-                                                  int64_t num_expert_group, int64_t topk_group, int64_t topk,
-                                                  c10::string_view scoring_func, bool renormalize,
+std::tuple<Tensor, Tensor> moe_fused_gate(const Tensor& scores, const std::optional<Tensor>& bias,
+                                          int64_t num_expert_group, int64_t topk_group, int64_t topk,
+                                          const std::string& scoring_func, bool renormalize,
                                                   int64_t num_fused_shared_experts, double routed_scaling_factor,
                                                   bool apply_routed_scaling_factor_on_output) {
   const GateConfig cfg =
@@ -39,18 +39,23 @@ std::tuple<at::Tensor, at::Tensor> moe_fused_gate(const at::Tensor& scores, cons
   const int group_size = E / G;
   const int per = (E + pmath::kWarpLanes - 1) / pmath::kWarpLanes;  // experts per lane in the kernel
   const int64_t width = topk + num_fused_shared_experts;
-  const at::Tensor x = scores.to(at::kFloat);
-  const at::Tensor b = bias ? bias->to(at::kFloat) : at::Tensor();
-  auto weights = at::empty({T, width}, scores.options().dtype(at::kFloat));
-  auto ids = at::empty({T, width}, scores.options().dtype(at::kInt));
-  const float* xp = x.data_ptr<float>();
-  const float* bp = bias ? b.data_ptr<float>() : nullptr;
-  float* wp = weights.data_ptr<float>();
-  int32_t* ip = ids.data_ptr<int32_t>();
+  Tensor weights = empty_on({T, width}, kFloat, scores);
+  Tensor ids = empty_on({T, width}, kInt, scores);
+  // Inputs are read as float (exact for float16/bfloat16), as the kernel does.
+  const void* xp = scores.const_data_ptr();
+  const ScalarType xt = scores.scalar_type();
+  std::vector<float> b;
+  if (bias) {
+    b.resize(E);
+    for (int e = 0; e < E; ++e) b[e] = read_as_float(bias->const_data_ptr(), bias->scalar_type(), e);
+  }
+  const float* bp = bias ? b.data() : nullptr;
+  float* wp = weights.mutable_data_ptr<float>();
+  int32_t* ip = ids.mutable_data_ptr<int32_t>();
 
-  std::vector<float> s(E), choice(E), group_score(G);
+  std::vector<float> s(E), choice(E), group_score(G), row(E);
   for (int64_t t = 0; t < T; ++t) {
-    const float* row = xp + t * E;
+    for (int e = 0; e < E; ++e) row[e] = read_as_float(xp, xt, t * E + e);
     // The kernel's arithmetic, step for step (common/portable_math.h; this file is compiled with
     // -ffp-contract=off): softmax sums per lane over its block of experts (lane = e / per, per =
     // ceil(E / 32)) in expert order, then a butterfly over the 32 lane sums.
