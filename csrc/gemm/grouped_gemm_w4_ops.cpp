@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include "common/stable_glue.h"
+#include "gemm/w4_glue.h"
 #include "gemm/w4_launchers.h"
 
 namespace moe_kernels {
@@ -134,10 +135,23 @@ w4::W4GemmArgs make_args(WeightFormat format, const Tensor& a, const Tensor& w, 
   return p;
 }
 
-Tensor run_w4_gemm(const char* op, WeightFormat format, bool cuda, const Tensor& a, const Tensor& w,
-                   const Tensor& w_scale, const Tensor& expert_offsets, const std::optional<Tensor>& a_scale,
-                   const std::optional<Tensor>& bias, const std::string& activation, bool interleaved,
-                   double alpha, double limit) {
+}  // namespace
+
+void check_w4_gemm_arch(const char* op, const Tensor& t) {
+#ifdef MOE_KERNELS_WITH_CUDA
+  const int device = static_cast<int>(t.get_device_index());
+  const int cc = compute_capability(device);
+  STD_TORCH_CHECK(cc >= 80, op, ": needs a GPU of compute capability 8.0 or newer (bf16 tensor cores, cp.async), "
+                  "cuda:", device, " has ", cc / 10, ".", cc % 10);
+#else
+  STD_TORCH_CHECK(false, op, ": built without CUDA");
+#endif
+}
+
+Tensor grouped_gemm_w4(const char* op, WeightFormat format, bool cuda, const Tensor& a, const Tensor& w,
+                       const Tensor& w_scale, const Tensor& expert_offsets, const std::optional<Tensor>& a_scale,
+                       const std::optional<Tensor>& bias, const std::string& activation, bool interleaved,
+                       double alpha, double limit) {
   const Activation act = parse_activation(op, activation, /*allow_none=*/true);
   const W4Problem s = check_w4_gemm_args(op, format, a, w, w_scale, expert_offsets, a_scale, bias, act);
   if (!cuda) {
@@ -148,10 +162,7 @@ Tensor run_w4_gemm(const char* op, WeightFormat format, bool cuda, const Tensor&
     return out;
   }
 #ifdef MOE_KERNELS_WITH_CUDA
-  const int device = static_cast<int>(a.get_device_index());
-  const int cc = compute_capability(device);
-  STD_TORCH_CHECK(cc >= 80, op, ": needs a GPU of compute capability 8.0 or newer (bf16 tensor cores, cp.async), "
-                  "cuda:", device, " has ", cc / 10, ".", cc % 10);
+  check_w4_gemm_arch(op, a);
   // The kernel copies a and w in 16-byte vectors and MXFP4 scales in aligned 4-byte words (a view
   // that starts mid-allocation may break that; fresh allocations are 512-byte aligned).
   auto aligned = [](const Tensor& t, uintptr_t n) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % n == 0; };
@@ -171,12 +182,14 @@ Tensor run_w4_gemm(const char* op, WeightFormat format, bool cuda, const Tensor&
 #endif
 }
 
+namespace {
+
 // One function per (op, device) for TORCH_BOX.
 #define MOE_KERNELS_W4_GEMM_ENTRY(fn, op, format, cuda)                                                         \
   Tensor fn(const Tensor& a, const Tensor& w, const Tensor& w_scale, const Tensor& expert_offsets,              \
             const std::optional<Tensor>& a_scale, const std::optional<Tensor>& bias, const std::string& activation, \
             bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit) {                                 \
-    return run_w4_gemm(op, format, cuda, a, w, w_scale, expert_offsets, a_scale, bias, activation,              \
+    return grouped_gemm_w4(op, format, cuda, a, w, w_scale, expert_offsets, a_scale, bias, activation,              \
                        gate_up_interleaved, swiglu_alpha, swiglu_limit);                                         \
   }
 MOE_KERNELS_W4_GEMM_ENTRY(mxfp4_cuda, "grouped_gemm_mxfp4", WeightFormat::kMxfp4, true)

@@ -1,6 +1,6 @@
 // cutlass_moe_mxfp4: the expert computation of an MoE layer with MXFP4 weights (gpt-oss,
 // DeepSeek-V4 checkpoints as stored), W4A16 (bf16 activations) or W4A8 (activations quantized to
-// float8_e4m3fn per token). The composition: moe/w4_layer.h.
+// float8_e4m3fn per token). The composition: moe/w4_layer.h (registered for CUDA and CPU).
 #include "moe/w4_layer.h"
 
 namespace moe_kernels {
@@ -16,7 +16,7 @@ Tensor cutlass_moe_mxfp4(const Tensor& hidden_states, const Tensor& w1, const Te
   const ScalarType act_dtype = a_dtype.value_or(kBFloat16);
   STD_TORCH_CHECK(act_dtype == kBFloat16 || act_dtype == kFloat8, op,
                   ": a_dtype must be bfloat16 (W4A16) or float8_e4m3fn (W4A8), got ", dtype_name(act_dtype));
-  const w4layer::LayerFormat format{op, "moe_kernels::grouped_gemm_mxfp4", 32, kByte, "uint8 (E8M0 exponents)"};
+  const w4layer::LayerFormat format{op, w4::WeightFormat::kMxfp4, 32, kByte, "uint8 (E8M0 exponents)"};
   const std::optional<Tensor> no_scale;
   return w4layer::run(format, {hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, no_scale, no_scale,
                                activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, w1_bias, w2_bias,
@@ -25,8 +25,7 @@ Tensor cutlass_moe_mxfp4(const Tensor& hidden_states, const Tensor& w1, const Te
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {
-  m.impl("cutlass_moe_mxfp4", TORCH_BOX(&cutlass_moe_mxfp4));
-}
+STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) { m.impl("cutlass_moe_mxfp4", TORCH_BOX(&cutlass_moe_mxfp4)); }
+STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("cutlass_moe_mxfp4", TORCH_BOX(&cutlass_moe_mxfp4)); }
 
 }  // namespace moe_kernels

@@ -14,7 +14,7 @@ Tensor cutlass_moe_w4a8(const Tensor& hidden_states, const Tensor& w1, const Ten
                         double swiglu_limit, const std::optional<Tensor>& w1_bias,
                         const std::optional<Tensor>& w2_bias, const std::optional<Tensor>& expert_map,
                         int64_t num_local_experts) {
-  const w4layer::LayerFormat format{"cutlass_moe_w4a8", "moe_kernels::grouped_gemm_w4a8", 128, kFloat, "float32"};
+  const w4layer::LayerFormat format{"cutlass_moe_w4a8", w4::WeightFormat::kInt4, 128, kFloat, "float32"};
   return w4layer::run(format, {hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale, a2_scale,
                                activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, w1_bias, w2_bias,
                                /*fp8=*/true, expert_map, num_local_experts});
@@ -22,8 +22,7 @@ Tensor cutlass_moe_w4a8(const Tensor& hidden_states, const Tensor& w1, const Ten
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {
-  m.impl("cutlass_moe_w4a8", TORCH_BOX(&cutlass_moe_w4a8));
-}
+STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) { m.impl("cutlass_moe_w4a8", TORCH_BOX(&cutlass_moe_w4a8)); }
+STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("cutlass_moe_w4a8", TORCH_BOX(&cutlass_moe_w4a8)); }
 
 }  // namespace moe_kernels

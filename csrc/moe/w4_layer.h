@@ -8,9 +8,9 @@
 //   -> 4-bit GEMM2 with w2_bias -> [M, H] bf16
 //   -> moe_unpermute with topk_weights -> [T, H] bf16
 //
-// Every step calls an op through the dispatcher, so the same composition runs on CUDA and, with
-// the CPU references, on the CPU (registered as CompositeExplicitAutograd). On torch < 2.13 an
-// error raised inside a called op loses its text, so every argument is checked here first.
+// Registered for CUDA and CPU, as cutlass_moe_fp8: each step calls the C++ implementation of the
+// inputs' device directly (the CUDA kernels, or the CPU references), with no boxed dispatcher call
+// per step. Every argument is checked here first, so the messages name the layer's arguments.
 #pragma once
 
 #include <string>
@@ -18,6 +18,11 @@
 
 #include "common/limits.h"
 #include "common/stable_glue.h"
+#include "gemm/w4_glue.h"
+#include "permute/cpu_reference.h"
+#include "permute/glue.h"
+#include "quant/cpu_reference.h"
+#include "quant/glue.h"
 
 namespace moe_kernels::w4layer {
 // Internal to each layer's translation unit (torch's stable Tensor has hidden visibility, so
@@ -26,7 +31,7 @@ namespace {
 
 struct LayerFormat {
   const char* op;             // "cutlass_moe_mxfp4" (messages)
-  const char* gemm;           // "moe_kernels::grouped_gemm_mxfp4"
+  w4::WeightFormat format;
   int64_t group;              // weight scale group along K: 32 (MXFP4) or 128 (INT4)
   ScalarType scale_dtype;     // uint8 (E8M0) or float32
   const char* scale_what;     // "uint8 (E8M0 exponents)" / "float32"
@@ -93,6 +98,23 @@ void check_static_scale(const LayerFormat& f, const char* name, const std::optio
   check_same_device(f.op, name, *s, "hidden_states", ref);
 }
 
+// Steps of the composition, on the implementation of the inputs' device.
+struct Steps {
+  bool on_cuda;
+  std::tuple<Tensor, Tensor> quant_per_token(const Tensor& x, const std::optional<Tensor>& scale) const {
+    return on_cuda ? cuda::scaled_fp8_quant(x, scale, true) : cpu::scaled_fp8_quant(x, scale, true);
+  }
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> permute(const Tensor& x, const Tensor& ids, int64_t E,
+                                                             const std::optional<Tensor>& map, int64_t local,
+                                                             const std::optional<Tensor>& scales) const {
+    return on_cuda ? cuda::moe_permute(x, ids, E, map, local, 0, scales)
+                   : cpu::moe_permute(x, ids, E, map, local, 0, scales);
+  }
+  Tensor unpermute(const Tensor& rows, const Tensor& w, const Tensor& inv) const {
+    return on_cuda ? cuda::moe_unpermute(rows, w, inv) : cpu::moe_unpermute(rows, w, inv);
+  }
+};
+
 Tensor run(const LayerFormat& f, const LayerArgs& a) {
   const char* op = f.op;
   const Tensor& x = a.hidden_states;
@@ -152,38 +174,41 @@ Tensor run(const LayerFormat& f, const LayerArgs& a) {
   check_static_scale(f, "a2_scale", a.a2_scale, x);
 
   using Opt = std::optional<Tensor>;
+  const Steps step{x.is_cuda()};
+  if (step.on_cuda) check_w4_gemm_arch(op, x);
+  const char* gemm_op = f.format == w4::WeightFormat::kMxfp4 ? "grouped_gemm_mxfp4" : "grouped_gemm_w4a8";
+  auto gemm = [&](const Tensor& rows, const Tensor& w, const Tensor& s, const Tensor& offsets, const Opt& a_scale,
+                  const Opt& bias, const std::string& act) {
+    return grouped_gemm_w4(gemm_op, f.format, step.on_cuda, rows, w, s, offsets, a_scale, bias, act,
+                           a.gate_up_interleaved, a.swiglu_alpha, a.swiglu_limit);
+  };
   const int64_t local = a.expert_map ? E : -1;
-  Tensor permuted, offsets, inv, perm, permuted_scales;
-  Opt gemm1_scale;
+  Tensor rows = x;
+  Opt row_scales;  // per-token scales that travel with their rows
+  Opt a1s_static;
   if (a.fp8) {
-    // Per token unless a static scale is given; the per-token scales travel with their rows.
-    auto [x_q, a1s] = call_op<std::tuple<Tensor, Tensor>>("moe_kernels::scaled_fp8_quant", "", x, a.a1_scale, true);
-    const Opt row_scales = a.a1_scale ? Opt() : Opt(a1s);
-    std::tie(permuted, offsets, inv, perm, permuted_scales) =
-        call_op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>>(
-            "moe_kernels::moe_permute", "", x_q, ids, num_experts, a.expert_map, local, int64_t{0}, row_scales);
-    gemm1_scale = a.a1_scale ? Opt(a1s) : Opt(permuted_scales);
-  } else {
-    std::tie(permuted, offsets, inv, perm, permuted_scales) =
-        call_op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>>(
-            "moe_kernels::moe_permute", "", x, ids, num_experts, a.expert_map, local, int64_t{0}, Opt());
+    // Per token unless a static scale is given.
+    auto [x_q, a1s] = step.quant_per_token(x, a.a1_scale);
+    rows = x_q;
+    if (a.a1_scale) a1s_static = a1s; else row_scales = a1s;
   }
-  const std::string none = "none";
+  auto [permuted, offsets, inv, perm, permuted_scales] =
+      step.permute(rows, ids, num_experts, a.expert_map, local, row_scales);
+  rows = Tensor();
+  const Opt gemm1_scale = !a.fp8 ? Opt() : a.a1_scale ? a1s_static : Opt(permuted_scales);
   // [M, I] bf16: act(gate + bias, up + bias) of each row's expert.
-  Tensor h = call_op<Tensor>(f.gemm, "", permuted, a.w1, a.w1_scale, offsets, gemm1_scale, a.w1_bias, a.activation,
-                             a.gate_up_interleaved, a.swiglu_alpha, a.swiglu_limit);
+  Tensor h = gemm(permuted, a.w1, a.w1_scale, offsets, gemm1_scale, a.w1_bias, a.activation);
   permuted = Tensor();  // released once consumed: the peak holds one intermediate, not all
   Opt gemm2_scale;
   if (a.fp8) {
     // Rows no local expert computed (expert_map) hold garbage; per-token scales keep it to them.
-    auto [h_q, a2s] = call_op<std::tuple<Tensor, Tensor>>("moe_kernels::scaled_fp8_quant", "", h, a.a2_scale, true);
+    auto [h_q, a2s] = step.quant_per_token(h, a.a2_scale);
     h = h_q;
     gemm2_scale = a2s;
   }
-  Tensor y = call_op<Tensor>(f.gemm, "", h, a.w2, a.w2_scale, offsets, gemm2_scale, a.w2_bias, none,
-                             a.gate_up_interleaved, a.swiglu_alpha, a.swiglu_limit);
+  Tensor y = gemm(h, a.w2, a.w2_scale, offsets, gemm2_scale, a.w2_bias, "none");
   h = Tensor();
-  return call_op<Tensor>("moe_kernels::moe_unpermute", "", y, tw, inv);
+  return step.unpermute(y, tw, inv);
 }
 
 }  // namespace
