@@ -519,6 +519,33 @@ def test_cuda_gemm_equals_cpu_reference(fmt, a_fp8, activation, rows):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("config", ["mxfp4_bm16", "mxfp4_bm64", "int4_bm16", "int4_bm64"])
+@pytest.mark.parametrize("rows", [[1, 0, 2, 1], [40, 0, 17, 90, 1]])
+def test_cuda_every_config_equals_cpu_reference(config, rows, monkeypatch):
+    """Each compiled configuration, forced (MOE_KERNELS_W4_GEMM_CONFIG), on few and on many rows per
+    expert, with a K tail (MXFP4 K = 2880 = 22.5 tiles of 128) and an N tail (N = 2880 = 45 tiles of 64,
+    22.5 of 128)."""
+    fmt = config.split("_")[0]
+    monkeypatch.setenv("MOE_KERNELS_W4_GEMM_CONFIG", config)
+    K = 2880 if fmt == "mxfp4" else 2944
+    for activation, N in (("none", 2880), ("swigluoai", 2 * 2880)):
+        a, a_s, w, s, off = gemm_problem(fmt, rows, N, K, True)
+        bias = torch.randn(len(rows), N)
+        want = gemm_op(fmt)(a, w, s, off, a_s, bias, activation, False)
+        poison_cuda_allocator(0xFF)
+        got = gemm_op(fmt)(*to_cuda(a, w, s, off, a_s, bias), activation, False)
+        assert_matches(got[: off[-1]], want[: off[-1]].double())
+
+
+@pytest.mark.cuda
+def test_cuda_unknown_config_name_is_an_error(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_W4_GEMM_CONFIG", "bm32")
+    a, a_s, w, s, off = gemm_problem("mxfp4", [2, 3], 64, 64, False, device="cuda")
+    with pytest.raises(RuntimeError, match="grouped_gemm_mxfp4: MOE_KERNELS_W4_GEMM_CONFIG=bm32 names no configuration"):
+        moe_kernels.grouped_gemm_mxfp4(a, w, s, off)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("a_dtype", [torch.bfloat16, FP8])
 # gpt-oss-20b's H = I = 2880 where the CPU reference stays quick; many rows per expert (the 64-row
 # tiles) on smaller sizes.

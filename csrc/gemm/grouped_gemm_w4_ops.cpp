@@ -173,7 +173,10 @@ Tensor grouped_gemm_w4(const char* op, WeightFormat format, bool cuda, const Ten
   Tensor out = empty_on({s.m, s.out_cols}, kBFloat16, a);
   const w4::W4GemmArgs p =
       make_args(format, a, w, w_scale, expert_offsets, a_scale, bias, act, interleaved, alpha, limit, s, out);
-  const w4::W4GemmKernel& kernel = w4::select_w4_gemm(format, s.m / s.num_experts);
+  const char* unknown = nullptr;
+  const w4::W4GemmKernel& kernel = w4::pick_w4_gemm(format, s.m / s.num_experts, &unknown);
+  STD_TORCH_CHECK(unknown == nullptr, op, ": MOE_KERNELS_W4_GEMM_CONFIG=", unknown, " names no configuration ",
+                  "(mxfp4_bm16, mxfp4_bm64, int4_bm16, int4_bm64)");
   check_launch(kernel.launch(p, current_stream(a)), op);
   return out;
 #else

@@ -62,6 +62,15 @@ const W4GemmKernel& int4_bm64_kernel();
 // read once per expert), 64-row tiles above.
 const W4GemmKernel& select_w4_gemm(WeightFormat format, int64_t avg_rows_per_expert);
 
+// The configuration of this name (mxfp4_bm16, mxfp4_bm64, int4_bm16, int4_bm64), or nullptr.
+const W4GemmKernel* find_w4_gemm(const char* name);
+
+// select_w4_gemm, unless the environment variable MOE_KERNELS_W4_GEMM_CONFIG names a configuration
+// (a tuning and testing override, read at each call on the host): one of this format is used, one
+// of the other format leaves the choice to the table; a name that is no configuration is returned
+// in *unknown (the glue raises).
+const W4GemmKernel& pick_w4_gemm(WeightFormat format, int64_t avg_rows_per_expert, const char** unknown);
+
 // The CPU reference: the specification above as plain loops.
 void grouped_gemm_w4_reference(const W4GemmArgs& args);
 
