@@ -68,11 +68,12 @@ void check_weight(const LayerFormat& f, const char* name, const char* what, cons
   check_same_device(f.op, name, w, "hidden_states", ref);
 }
 
-void check_scale(const LayerFormat& f, const char* name, const Tensor& s, int64_t E, int64_t N, int64_t K,
-                        const Tensor& ref) {
+// name [E, N, K/group] in the format's scale dtype; rows, cols name N and K in messages ("2I", "H").
+void check_scale(const LayerFormat& f, const char* name, const char* rows, const char* cols, const Tensor& s, int64_t E,
+                 int64_t N, int64_t K, const Tensor& ref) {
   STD_TORCH_CHECK(s.dim() == 3 && s.size(0) == E && s.size(1) == N && s.size(2) == K / f.group, f.op, ": ", name,
-                  " must be [E, ", N == ref.size(1) ? "H" : "2I", ", ", N == ref.size(1) ? "I" : "H", "/", f.group,
-                  "] = [", E, ", ", N, ", ", K / f.group, "], got shape ", shape_of(s));
+                  " must be [E, ", rows, ", ", cols, "/", f.group, "] = [", E, ", ", N, ", ", K / f.group,
+                  "], got shape ", shape_of(s));
   STD_TORCH_CHECK(s.scalar_type() == f.scale_dtype, f.op, ": ", name, " must be ", f.scale_what, ", got ",
                   dtype_name(s.scalar_type()));
   check_contiguous(f.op, name, s);
@@ -134,8 +135,8 @@ Tensor run(const LayerFormat& f, const LayerArgs& a) {
                   ", got ", I);
   check_weight(f, "w1", "[E, 2I, H/2]", a.w1, E, 2 * I, H, x);
   check_weight(f, "w2", "[E, H, I/2]", a.w2, E, H, I, x);
-  check_scale(f, "w1_scale", a.w1_scale, E, 2 * I, H, x);
-  check_scale(f, "w2_scale", a.w2_scale, E, H, I, x);
+  check_scale(f, "w1_scale", "2I", "H", a.w1_scale, E, 2 * I, H, x);
+  check_scale(f, "w2_scale", "H", "I", a.w2_scale, E, H, I, x);
   check_bias(f, "w1_bias", "[E, 2I]", a.w1_bias, E, 2 * I, x);
   check_bias(f, "w2_bias", "[E, H]", a.w2_bias, E, H, x);
   const std::string_view act = a.activation;
