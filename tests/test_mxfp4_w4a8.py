@@ -395,7 +395,7 @@ def sglang_pack(scales, pack):
     return scales.to(torch.bfloat16).reshape(E, N, G // pack, pack).permute(0, 2, 1, 3).reshape(E, G // pack, N * pack).contiguous()
 
 
-@pytest.mark.parametrize("k, pack", [(1024, 4), (768, 2), (384, 1)])
+@pytest.mark.parametrize("k, pack", [(1024, 4), (7168, 4), (768, 2), (768, 1), (384, 1)])  # 768: newer / older SGLang
 def test_w4a8_scales_from_sglang_inverts_the_packing(k, pack):
     E, N = 3, 40
     ours = torch.rand(E, N, k // 128) + 0.1
@@ -406,8 +406,8 @@ def test_w4a8_scales_from_sglang_inverts_the_packing(k, pack):
     # The same bytes viewed as a one-byte type ([E, K/512, N*8]).
     got_bytes = moe_kernels.w4a8_scales_from_sglang(packed.view(torch.uint8), N, k)
     torch.testing.assert_close(got_bytes, got, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"scales must be \[E, K/"):
-        moe_kernels.w4a8_scales_from_sglang(packed[:, :, 1:], N, k)
+    with pytest.raises(ValueError, match=r"scales must be \[E, K/\(128\*p\), N\*p\]"):
+        moe_kernels.w4a8_scales_from_sglang(packed[:, :, 1:].contiguous(), N, k)
 
 
 # ---- errors name the argument ----

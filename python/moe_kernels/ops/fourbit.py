@@ -170,10 +170,11 @@ def w4a8_scales_from_sglang(scales: Tensor, n: int, k: int, group_size: int = 12
 
     SGLang's CUTLASS W4A8 path (``interleave_scales`` in sglang/srt/layers/quantization/w4afp8.py)
     takes the checkpoint's [E, N, K/128] scales, converts them to bfloat16 and interleaves ``p``
-    consecutive K groups of each row: [E, N, G] -> [E, G/p, N, p] -> [E, G/p, N*p], with p = 4 when
-    K % 512 == 0 (so [E, K/512, N*4]), else 2 when K % 256 == 0, else 1. This undoes that. A
-    one-byte view of the bfloat16 tensor ([E, K/512, N*8] uint8/int8/float8, the shape that shows up
-    when the packed scales are stored as bytes) is accepted too and read back as bfloat16.
+    consecutive K groups of each row: [E, N, G] -> [E, G/p, N, p] -> [E, G/p, N*p]; p = 4 when
+    the group count allows (so [E, K/512, N*4] for DeepSeek-R1), else 2 or 1 depending on the SGLang
+    version. ``p`` is read from the shape (``scales.shape[2] // n``). A one-byte view of the
+    bfloat16 tensor (the [E, K/512, N*8] shape that shows up when the packed scales are stored as
+    bytes) is accepted too and read back as bfloat16.
 
     Args:
         scales: the packed scales, bfloat16/float16/float32, or a one-byte view of bfloat16 ones.
@@ -185,16 +186,19 @@ def w4a8_scales_from_sglang(scales: Tensor, n: int, k: int, group_size: int = 12
     if k % group_size != 0:
         raise ValueError(f"w4a8_scales_from_sglang: k={k} must be a multiple of group_size={group_size}")
     groups = k // group_size
-    pack = 4 if groups % 4 == 0 else (2 if groups % 2 == 0 else 1)
     if scales.dim() != 3:
-        raise ValueError(f"w4a8_scales_from_sglang: scales must be 3-D [E, K/{group_size * pack}, N*{pack}], "
+        raise ValueError(f"w4a8_scales_from_sglang: scales must be 3-D [E, K/({group_size}*p), N*p], "
                          f"got shape {tuple(scales.shape)}")
-    if scales.element_size() == 1 and scales.shape[2] == 2 * n * pack:
+    if scales.element_size() == 1:
+        if scales.shape[2] % 2 != 0:
+            raise ValueError(f"w4a8_scales_from_sglang: a one-byte scales tensor must be the bytes of bfloat16 "
+                             f"scales (an even last dimension), got shape {tuple(scales.shape)}")
         scales = scales.contiguous().view(torch.bfloat16)
     e = scales.shape[0]
-    if tuple(scales.shape) != (e, groups // pack, n * pack):
-        raise ValueError(f"w4a8_scales_from_sglang: scales must be [E, K/{group_size * pack}, N*{pack}] = "
-                         f"[{e}, {groups // pack}, {n * pack}] for n={n}, k={k}, got shape {tuple(scales.shape)}")
+    pack = scales.shape[2] // n if n > 0 else 0
+    if pack < 1 or groups % pack != 0 or tuple(scales.shape) != (e, groups // pack, n * pack):
+        raise ValueError(f"w4a8_scales_from_sglang: scales must be [E, K/({group_size}*p), N*p] with p dividing "
+                         f"K/{group_size} = {groups} (n={n}, k={k}), got shape {tuple(scales.shape)}")
     out = scales.reshape(e, groups // pack, n, pack).permute(0, 2, 1, 3).reshape(e, n, groups)
     return out.to(torch.float32).contiguous()
 
