@@ -587,6 +587,31 @@ def test_cuda_w4a8_layer_equals_cpu_reference(static, T):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
+@pytest.mark.parametrize("case", ["one_expert", "int64_ids_odd_T", "gelu_plain_layout"])
+def test_cuda_layer_cases_equal_cpu_reference(fmt, case):
+    """The CPU tests' remaining grid on the GPU: every token on one expert (the others empty), int64 ids
+    with an odd T, gelu with gate/up stacked (not interleaved)."""
+    E, H, I = 6, 256, 256
+    w1, w2, s1, s2, b1, b2 = layer_weights(fmt, E, H, I, bias=True)
+    T, K = (33, 1) if case == "one_expert" else (7, 3)
+    x = torch.randn(T, H).to(torch.bfloat16)
+    tw, ids = routing(T, K, E, torch.int64 if case == "int64_ids_odd_T" else torch.int32)
+    if case == "one_expert":
+        ids = torch.full((T, K), 4, dtype=torch.int32)
+    kw = dict(activation="gelu" if case == "gelu_plain_layout" else "swigluoai",
+              gate_up_interleaved=case != "gelu_plain_layout")
+    layer = moe_kernels.cutlass_moe_mxfp4 if fmt == "mxfp4" else moe_kernels.cutlass_moe_w4a8
+    if fmt == "mxfp4":
+        kw["a_dtype"] = FP8 if case == "one_expert" else torch.bfloat16
+    want = layer(x, w1, w2, tw, ids, s1, s2, w1_bias=b1, w2_bias=b2, **kw)
+    poison_cuda_allocator(0xFF)
+    x_, w1_, w2_, tw_, ids_, s1_, s2_, b1_, b2_ = to_cuda(x, w1, w2, tw, ids, s1, s2, b1, b2)
+    got = layer(x_, w1_, w2_, tw_, ids_, s1_, s2_, w1_bias=b1_, w2_bias=b2_, **kw)
+    assert_matches(got, want.double())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
 def test_cuda_layer_graph_replay(fmt):
     E, K, H, I, T = 8, 2, 256, 128, 64
     w1, w2, s1, s2, b1, b2 = to_cuda(*layer_weights(fmt, E, H, I, bias=True))
