@@ -50,4 +50,20 @@ STABLE_TORCH_LIBRARY(moe_kernels, m) {
         "bool per_out_ch=False, Tensor? expert_map=None, int num_local_experts=-1, "
         "bool apply_router_weight_on_input=False, str activation=\"silu\", bool gate_up_interleaved=False, "
         "float swiglu_alpha=1.702, float swiglu_limit=7.0, Tensor? w1_bias=None, Tensor? w2_bias=None) -> Tensor");
+  // gemm/ and moe/, 4-bit weights
+  m.def("grouped_gemm_mxfp4(Tensor a, Tensor w, Tensor w_scale, Tensor expert_offsets, Tensor? a_scale=None, "
+        "Tensor? bias=None, str activation=\"none\", bool gate_up_interleaved=False, float swiglu_alpha=1.702, "
+        "float swiglu_limit=7.0) -> Tensor");
+  m.def("grouped_gemm_w4a8(Tensor a, Tensor w, Tensor w_scale, Tensor expert_offsets, Tensor? a_scale=None, "
+        "Tensor? bias=None, str activation=\"none\", bool gate_up_interleaved=False, float swiglu_alpha=1.702, "
+        "float swiglu_limit=7.0) -> Tensor");
+  m.def("cutlass_moe_mxfp4(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+        "Tensor w1_scale, Tensor w2_scale, *, str activation=\"silu\", bool gate_up_interleaved=False, "
+        "float swiglu_alpha=1.702, float swiglu_limit=7.0, Tensor? w1_bias=None, Tensor? w2_bias=None, "
+        "ScalarType? a_dtype=None, Tensor? expert_map=None, int num_local_experts=-1) -> Tensor");
+  m.def("cutlass_moe_w4a8(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+        "Tensor w1_scale, Tensor w2_scale, Tensor? a1_scale=None, Tensor? a2_scale=None, *, "
+        "str activation=\"silu\", bool gate_up_interleaved=False, float swiglu_alpha=1.702, "
+        "float swiglu_limit=7.0, Tensor? w1_bias=None, Tensor? w2_bias=None, Tensor? expert_map=None, "
+        "int num_local_experts=-1) -> Tensor");
 }
