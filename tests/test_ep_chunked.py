@@ -1,0 +1,224 @@
+"""ChunkedAllToAll (the exchange pipelined with the experts over token chunks) on gloo, 2 and 4
+ranks: the same bits as the unchunked AllToAll in capacity and variable mode, with a rank that has
+no tokens and token counts that the chunk count does not divide; the automatic chunk count agreed
+by ranks with different token counts; chunk overflow raising. On the CPU the streams are absent,
+but every chunk's plan, pack, exchange, experts, combine and gather run in the pipeline's order.
+One process group per world size runs every case; the tests read its results."""
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_kernels.modular import (AllToAll, CapacityOverflowError, ChunkedAllToAll, CutlassFp8Experts, MoELayer,
+                                 SingleGpu, TorchExperts, auto_num_chunks)
+from moe_kernels.modular.chunked import chunk_bounds
+
+FP8 = torch.float8_e4m3fn
+E, K, H, I = 8, 2, 128, 32
+WORLDS = [2, 4]
+# Tokens per rank: rank 1 has none; 37 and 23 are prime (no chunk count divides them); 5 tokens in
+# 4 chunks leaves the last chunk empty.
+TOKENS = [37, 0, 23, 5]
+CAPACITY = max(TOKENS)  # never overflows unchunked
+
+
+def softmax_topk(logits):
+    w, ids = torch.softmax(logits.float(), dim=-1).topk(K, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids.to(torch.int32)
+
+
+def tokens(rank):
+    g = torch.Generator().manual_seed(20 + rank)
+    T = TOKENS[rank]
+    x = (torch.randn(T, H, generator=g) * torch.rand(T, 1, generator=g).add(0.1)).to(torch.bfloat16)
+    return x, torch.randn(T, E, generator=g)
+
+
+def make_experts(kind, sl=slice(None)):
+    """torch: TorchExperts (fp32); cutlass: CutlassFp8Experts with per-expert scales (its CPU
+    reference); block: 128x128 block scales (I = 128)."""
+    inter = 128 if kind == "block" else I
+    g = torch.Generator().manual_seed(0)
+    w1 = torch.randn(E, 2 * inter, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, inter, generator=g) / inter**0.5
+    if kind == "torch":
+        return TorchExperts(w1[sl].contiguous(), w2[sl].contiguous())
+    if kind == "block":
+        def quantize(w):
+            En, N, Kd = w.shape
+            blocks = w.view(En, N // 128, 128, Kd // 128, 128)
+            scale = blocks.abs().amax(dim=(2, 4)) / 448.0
+            return (blocks / scale[:, :, None, :, None]).view(En, N, Kd).to(FP8), scale.float()
+    else:
+        def quantize(w):
+            scale = w.abs().amax(dim=(1, 2)) / 448.0
+            return (w / scale.view(-1, 1, 1)).to(FP8), scale.float()
+    q1, s1 = quantize(w1)
+    q2, s2 = quantize(w2)
+    return CutlassFp8Experts(q1[sl].contiguous(), q2[sl].contiguous(), s1[sl].contiguous(), s2[sl].contiguous())
+
+
+# (experts, dispatch, mode, num_chunks): explicit counts 2, 3, 4 and the automatic rule with a
+# threshold low enough to chunk these tiny shapes ("auto").
+CASES = ([(kind, dispatch, mode, 3) for kind in ("torch", "cutlass", "block") for dispatch in ("none", "fp8")
+          for mode in ("variable", "capacity")]
+         + [("cutlass", "fp8", mode, n) for mode in ("variable", "capacity") for n in (2, 4, "auto")]
+         + [("torch", "none", mode, n) for mode in ("variable", "capacity") for n in (4, "auto")])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _layers(rank, world, kind, dispatch, mode, n):
+    local = E // world
+    experts = make_experts(kind, slice(rank * local, (rank + 1) * local))
+    fp8 = dispatch == "fp8"
+    kw = dict(dispatch_dtype=FP8 if fp8 else None, capacity=CAPACITY if mode == "capacity" else None,
+              quant_group_size=128 if fp8 and kind == "block" else None)
+    chunked = (ChunkedAllToAll(E, **kw, min_rows_per_expert=3) if n == "auto"
+               else ChunkedAllToAll(E, **kw, num_chunks=n))
+    return MoELayer(softmax_topk, AllToAll(E, **kw), experts), MoELayer(softmax_topk, chunked, experts), chunked
+
+
+def _run_case(rank, world, kind, dispatch, mode, n):
+    x, logits = tokens(rank)
+    if kind == "torch" and dispatch == "none":
+        x = x.float()
+    plain, chunked, pf = _layers(rank, world, kind, dispatch, mode, n)
+    want = plain(x, logits)
+    got = chunked(x, logits)
+    again = chunked(x, logits)  # cached streams/expert_map/unit weights on the second call
+    C = pf.chunks_for(x.shape[0], K)
+    if mode == "capacity":
+        pf.check_overflow()
+    return {"want": want, "got": got, "again": again, "chunks": C}
+
+
+def _rank_main(rank, world, port, results):
+    torch.set_num_threads(1)  # the ranks share the cores (see test_modular_ep.py)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        for case in CASES:
+            try:
+                results[(rank,) + case] = _run_case(rank, world, *case)
+            except Exception:  # every rank fails alike (same code), so none hangs
+                results[(rank,) + case] = traceback.format_exc()
+        # Chunk overflow: capacity 2 per chunk pair is below what rank 0's 10-token chunks send.
+        x, logits = tokens(rank)
+        local = E // world
+        pf = ChunkedAllToAll(E, capacity=CAPACITY, num_chunks=4, chunk_capacity=2)
+        layer = MoELayer(softmax_topk, pf, make_experts("torch", slice(rank * local, (rank + 1) * local)))
+        try:
+            layer(x.float(), logits)
+            results[(rank, "overflow")] = "no error"
+        except CapacityOverflowError as e:
+            results[(rank, "overflow")] = f"raised: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=[f"world{w}" for w in WORLDS])
+def chunked_results(request):
+    world = request.param
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_main, args=(world, _free_port(), results), nprocs=world)
+        return world, dict(results)
+
+
+@pytest.mark.parametrize("kind,dispatch,mode,n", CASES)
+def test_chunked_equals_unchunked_bitwise(chunked_results, kind, dispatch, mode, n):
+    world, results = chunked_results
+    for rank in range(world):
+        r = results[(rank,) + (kind, dispatch, mode, n)]
+        assert not isinstance(r, str), r
+        assert r["got"].shape == (TOKENS[rank], H)
+        if kind == "torch":
+            # TorchExperts multiplies each expert's rows with torch.matmul, whose CPU kernels block
+            # the fp32 sums differently for different row counts (a chunk holds fewer rows per
+            # expert): the same formula, a different summation order. Measured up to 1.5e-5 absolute
+            # on outputs of ~0.1-1; 1e-5 relative in norm bounds a few fp32 ulps per dot product.
+            err = ((r["got"].double() - r["want"].double()).norm() / r["want"].double().norm().clamp(min=1e-30))
+            assert err.item() < 1e-5, (rank, err.item())
+        else:
+            # Bit for bit: each token's output depends only on its row, its choices and the experts,
+            # whichever chunk carried it (the CUTLASS experts' CPU reference computes every row alone,
+            # in fixed loops).
+            assert torch.equal(r["got"], r["want"]), (rank, (r["got"].double() - r["want"].double()).abs().max())
+        assert torch.equal(r["again"], r["got"])
+        if n == "auto":
+            # Every rank the same count (rank 1 has no tokens): capacity mode from W * capacity,
+            # variable mode from the tokens of all ranks.
+            glob = world * CAPACITY if mode == "capacity" else sum(TOKENS[:world])
+            assert r["chunks"] == auto_num_chunks(glob, K, E, 3) > 1
+        else:
+            assert r["chunks"] == n
+
+
+def test_chunked_sane_against_single_device(chunked_results):
+    """Chunked and unchunked could agree and both be wrong: one case against one device."""
+    world, results = chunked_results
+    for rank in range(world):
+        x, logits = tokens(rank)
+        want = MoELayer(softmax_topk, SingleGpu(E), make_experts("torch"))(x.float(), logits)
+        got = results[(rank, "torch", "none", "capacity", 3)]["got"]
+        if x.shape[0]:
+            assert ((got - want).norm() / want.norm()).item() < 1e-5  # fp32: summation order only
+        else:
+            assert got.shape == (0, H)
+
+
+def test_chunk_overflow_raises(chunked_results):
+    world, results = chunked_results
+    msg = results[(0, "overflow")]
+    assert msg.startswith("raised: AllToAll: rank 0 dropped") and "capacity" in msg, msg
+    assert results[(1, "overflow")] == "no error"  # no tokens, nothing dropped
+
+
+def test_chunk_bounds_and_rule():
+    assert chunk_bounds(37, 4) == [0, 10, 20, 30, 37]
+    assert chunk_bounds(5, 4) == [0, 2, 4, 5, 5]
+    assert chunk_bounds(0, 3) == [0, 0, 0, 0]
+    assert chunk_bounds(8, 1) == [0, 8]
+    # DeepSeek-V3 (E=256, K=8), per-rank T -> chunks: 2 ranks and 8 ranks (docs/ep.md).
+    assert [auto_num_chunks(2 * t, 8, 256) for t in (128, 1024, 4095, 4096, 6144, 8192, 65536)] == [1, 1, 1, 2, 3, 4, 4]
+    assert [auto_num_chunks(8 * t, 8, 256) for t in (128, 1023, 1024, 1536, 2048, 4096)] == [1, 1, 2, 3, 4, 4]
+    assert auto_num_chunks(0, 8, 256) == 1
+    assert auto_num_chunks(10**6, 8, 256, max_chunks=2) == 2
+
+
+def test_chunked_arguments():
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="num_chunks must be None or >= 1"):
+            ChunkedAllToAll(E, num_chunks=0)
+        with pytest.raises(ValueError, match="chunk_capacity needs capacity mode"):
+            ChunkedAllToAll(E, chunk_capacity=4)
+        pf = ChunkedAllToAll(E, num_chunks=3)
+        assert "num_chunks=3" in repr(pf) and "auto" in repr(ChunkedAllToAll(E))
+        # One rank, variable splits, 3 chunks: every expert local, against the unchunked layer.
+        x, logits = tokens(0)
+        ex = make_experts("cutlass")
+        got = MoELayer(softmax_topk, pf, ex)(x, logits)
+        assert torch.equal(got, MoELayer(softmax_topk, AllToAll(E), ex)(x, logits))
+    finally:
+        dist.destroy_process_group()
