@@ -10,12 +10,15 @@ Only the first dispatch and the last combine stay exposed (about 1/C of the exch
 at the price of C times the launches and NCCL calls, and of the experts' weights being read once
 per chunk: see :func:`auto_num_chunks` for when that pays, and docs/ep.md for the model.
 
-Results equal AllToAll's bit for bit in capacity mode (and in variable mode): every token's
-output depends only on its own row, its choices and the experts (per-token quantization, one
-record per destination, the partials added in rank order), provided the experts compute a row the
-same way whatever the other rows (the CPU references do; on the GPU the grouped GEMM picks its
-tile configuration by rows per expert, so a chunk in another size class may round differently:
-the two-GPU check reports it). No host sync in capacity mode: CUDA-graph capturable.
+Results equal AllToAll's bit for bit (capacity and variable mode) whenever the experts compute
+each row independently of the other rows: the exchange itself is exact (per-token or per-group
+quantization, one record per destination, the partials added in rank order), tested on gloo.
+On the GPU the CUTLASS grouped GEMM computes a row the same way within one tile configuration,
+which it picks by rows per expert; the automatic chunk count keeps every chunk above 64 rows per
+expert, in the same class as the whole layer (an explicit num_chunks may not; the two-GPU bench
+reports ``bit_equal``). The CPU references of the experts run at::matmul per expert, whose fp32
+blocking depends on the row count: there a chunk may differ in the last bit (one bf16 ulp).
+No host sync in capacity mode: CUDA-graph capturable (not yet verified on GPUs).
 """
 
 from typing import List, Optional
