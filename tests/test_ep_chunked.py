@@ -147,6 +147,7 @@ def _rank_main(rank, world, port, results):
                 results[(rank,) + case] = _run_case(rank, world, *case)
             except Exception:  # every rank fails alike (same code), so none hangs
                 results[(rank,) + case] = traceback.format_exc()
+        results[(rank, "counts")] = _count_issued(rank, world)
         # Chunk overflow: capacity 2 per chunk pair is below what rank 0's 10-token chunks send.
         x, logits = tokens(rank)
         local = E // world
@@ -159,6 +160,52 @@ def _rank_main(rank, world, port, results):
             results[(rank, "overflow")] = f"raised: {e}"
     finally:
         dist.destroy_process_group()
+
+
+def _count_issued(rank, world):
+    """Collectives and host reads (.tolist/.item: host syncs on CUDA) of one layer call, per mode,
+    unchunked and with 3 chunks (scripts/ep_op_count.py counts every op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("c10d."):
+                self.collectives += 1
+            return func(*args, **(kwargs or {}))
+
+    x, logits = tokens(rank)
+    local = E // world
+    experts = make_experts("rowwise", slice(rank * local, (rank + 1) * local))
+    out = {}
+    for name, n in (("plain", None), ("chunked3", 3), ("auto", "auto")):
+        for mode, cap in (("variable", None), ("capacity", CAPACITY)):
+            if n is None:
+                pf = AllToAll(E, dispatch_dtype=FP8, capacity=cap)
+            elif n == "auto":
+                pf = ChunkedAllToAll(E, dispatch_dtype=FP8, capacity=cap, min_rows_per_expert=3)
+            else:
+                pf = ChunkedAllToAll(E, dispatch_dtype=FP8, capacity=cap, num_chunks=n)
+            layer = MoELayer(softmax_topk, pf, experts)
+            layer(x, logits)
+            reads = [0]
+            saved = torch.Tensor.tolist, torch.Tensor.item
+
+            def wrap(f):
+                def g(t, *a, **kw):
+                    reads[0] += 1
+                    return f(t, *a, **kw)
+                return g
+            torch.Tensor.tolist, torch.Tensor.item = wrap(saved[0]), wrap(saved[1])
+            try:
+                with Count() as c:
+                    c.collectives = 0
+                    layer(x, logits)
+            finally:
+                torch.Tensor.tolist, torch.Tensor.item = saved
+            # capacity mode's overflow check reads its counter with .item() on the CPU only (an
+            # event query on CUDA): not a host sync there.
+            out[(name, mode)] = (c.collectives, reads[0] - (1 if cap else 0))
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -223,6 +270,22 @@ def test_chunked_sane_against_single_device(chunked_results):
             assert ((got - want).norm() / want.norm()).item() < 1e-5  # fp32: summation order only
         else:
             assert got.shape == (0, H)
+
+
+def test_chunked_collectives_and_host_syncs(chunked_results):
+    """Capacity mode: two collectives per chunk and no host read (graph-capturable); variable
+    mode: one count exchange and one host read for all chunks (not one per chunk); the automatic
+    count in variable mode: one all-reduce and one read more."""
+    world, results = chunked_results
+    counts = results[(0, "counts")]
+    assert counts[("plain", "capacity")] == (2, 0)
+    assert counts[("plain", "variable")] == (3, 1)
+    assert counts[("chunked3", "capacity")] == (6, 0)
+    assert counts[("chunked3", "variable")] == (7, 1)
+    C = auto_num_chunks(world * CAPACITY, K, E, 3)
+    assert counts[("auto", "capacity")] == (2 * C, 0)
+    C = auto_num_chunks(sum(TOKENS[:world]), K, E, 3)
+    assert counts[("auto", "variable")] == (2 * C + 2, 2)
 
 
 def test_chunk_overflow_raises(chunked_results):

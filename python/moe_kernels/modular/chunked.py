@@ -106,7 +106,6 @@ class ChunkedAllToAll(AllToAll):
         self.chunk_capacity = chunk_capacity
         self.min_rows_per_expert = min_rows_per_expert
         self.max_chunks = max_chunks
-        self._comm_streams = {}
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -133,12 +132,15 @@ class ChunkedAllToAll(AllToAll):
             return self.chunk_capacity
         return -(-self.capacity // num_chunks)
 
-    def _comm_stream(self, device) -> Optional["torch.cuda.Stream"]:
+    @staticmethod
+    def _comm_stream(device) -> Optional["torch.cuda.Stream"]:
+        """One communication stream per device, shared by every layer: each call forks it from
+        the caller's stream and joins it back, so layers never overlap each other through it."""
         if device.type != "cuda":
             return None  # gloo on the CPU: one thread, the same order of operations
-        s = self._comm_streams.get(device)
+        s = _COMM_STREAMS.get(device)
         if s is None:
-            s = self._comm_streams[device] = torch.cuda.Stream(device)
+            s = _COMM_STREAMS[device] = torch.cuda.Stream(device)
         return s
 
     def forward_pipelined(self, experts, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
@@ -183,6 +185,7 @@ class ChunkedAllToAll(AllToAll):
         else:
             send_splits = recv_splits = [None] * C
 
+        self._ones(plans[0][0])  # the unit weights' cache sized (first chunk = largest) before the fork
         comp = torch.cuda.current_stream(x.device) if x.device.type == "cuda" else None
         comm = self._comm_stream(x.device)
         if comm is not None:
@@ -251,6 +254,9 @@ class ChunkedAllToAll(AllToAll):
             self._report_overflow()
         del keep
         return out.to(x.dtype)
+
+
+_COMM_STREAMS = {}
 
 
 class _nullcontext:
