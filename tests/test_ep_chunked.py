@@ -100,7 +100,8 @@ def make_experts(kind, sl=slice(None)):
 # (experts, dispatch, mode, num_chunks): explicit counts 2, 3, 4 and the automatic rule with a
 # threshold low enough to chunk these tiny shapes ("auto").
 CASES = ([("rowwise", dispatch, mode, n) for dispatch in ("none", "fp8") for mode in ("variable", "capacity")
-          for n in (2, 3, 4, "auto")]
+          for n in (1, 2, 3, 4, "auto")]
+         + [("rowwise+shared", "fp8", mode, n) for mode in ("variable", "capacity") for n in (1, 3)]
          + [(kind, dispatch, mode, 3) for kind in ("torch", "cutlass", "block") for dispatch in ("none", "fp8")
             for mode in ("variable", "capacity")]
          + [("cutlass", "fp8", mode, n) for mode in ("variable", "capacity") for n in (2, 4)])
@@ -112,20 +113,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def shared_mlp(x):
+    """A stand-in for DeepSeek's shared expert (elementwise, exact): added to the routed output."""
+    return torch.relu(x * 0.75 + 0.25)
+
+
 def _layers(rank, world, kind, dispatch, mode, n):
     local = E // world
+    shared = shared_mlp if kind.endswith("+shared") else None
+    kind = kind.replace("+shared", "")
     experts = make_experts(kind, slice(rank * local, (rank + 1) * local))
     fp8 = dispatch == "fp8"
     kw = dict(dispatch_dtype=FP8 if fp8 else None, capacity=CAPACITY if mode == "capacity" else None,
               quant_group_size=128 if fp8 and kind == "block" else None)
     chunked = (ChunkedAllToAll(E, **kw, min_rows_per_expert=3) if n == "auto"
                else ChunkedAllToAll(E, **kw, num_chunks=n))
-    return MoELayer(softmax_topk, AllToAll(E, **kw), experts), MoELayer(softmax_topk, chunked, experts), chunked
+    return (MoELayer(softmax_topk, AllToAll(E, **kw), experts, shared),
+            MoELayer(softmax_topk, chunked, experts, shared), chunked)
 
 
 def _run_case(rank, world, kind, dispatch, mode, n):
     x, logits = tokens(rank)
-    if kind in ("torch", "rowwise") and dispatch == "none":
+    if kind in ("torch", "rowwise", "rowwise+shared") and dispatch == "none":
         x = x.float()
     plain, chunked, pf = _layers(rank, world, kind, dispatch, mode, n)
     want = plain(x, logits)
@@ -232,7 +241,7 @@ def test_chunked_equals_unchunked_bitwise(chunked_results, kind, dispatch, mode,
         r = results[(rank,) + (kind, dispatch, mode, n)]
         assert not isinstance(r, str), r
         assert r["got"].shape == (TOKENS[rank], H)
-        if kind == "rowwise":
+        if kind.startswith("rowwise"):
             # Bit for bit: each token's output depends only on its row, its choices and the experts,
             # whichever chunk carried it, and the partials are added in rank order either way.
             assert torch.equal(r["got"], r["want"]), (rank, (r["got"].double() - r["want"].double()).abs().max())

@@ -143,16 +143,14 @@ class ChunkedAllToAll(AllToAll):
             s = _COMM_STREAMS[device] = torch.cuda.Stream(device)
         return s
 
-    def forward_pipelined(self, experts, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
-        """The routed layer ``experts`` over this group: MoELayer.forward_routed's body, chunked."""
+    def forward_pipelined(self, experts, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                          shared_experts=None) -> Tensor:
+        """MoELayer.forward_routed's body, pipelined: the routed ``experts`` over this group plus
+        ``shared_experts(x)`` (if given), which run on the caller's stream while the first chunk
+        is dispatched (the one exchange no routed work can hide; with C = 1 the whole dispatch)."""
         T, H = x.shape
         K = topk_ids.shape[1]
         C = self.chunks_for(T, K, x.device)
-        if C == 1:
-            d = self.prepare(x, topk_weights, topk_ids)
-            extra = {} if d.x_scale is None else {"x_scale": d.x_scale}
-            return self.finalize(experts(d.x, d.topk_weights, d.topk_ids, d.expert_map, d.num_local_experts,
-                                         **extra), d)
         W, local = self.world, self.local
         bounds = chunk_bounds(T, C)
         # Quantized once for all chunks: the scales are per token (or per token group), so a
@@ -238,6 +236,7 @@ class ChunkedAllToAll(AllToAll):
         # disp0, disp1, comb0, disp2, comb1, ... so that while the experts run chunk i it combines
         # chunk i-1 and dispatches chunk i+1.
         dispatch(0)
+        shared = None if shared_experts is None else shared_experts(x)
         pending = None
         for i in range(C):
             y_done = run_experts(i)
@@ -249,11 +248,12 @@ class ChunkedAllToAll(AllToAll):
         combine(C - 1, *pending)
         if comm is not None:
             comp.wait_stream(comm)
-        out = torch.cat(outs)
+        out = outs[0] if C == 1 else torch.cat(outs)
         if self.capacity is not None:
             self._report_overflow()
         del keep
-        return out.to(x.dtype)
+        out = out.to(x.dtype)
+        return out if shared is None else out + shared  # MoELayer's sum, in its order
 
 
 _COMM_STREAMS = {}

@@ -50,13 +50,12 @@ class MoELayer(nn.Module):
         """The layer after the router: hidden_states [T, H] with their top-k weights and ids."""
         pipelined = getattr(self.prepare_finalize, "forward_pipelined", None)
         if pipelined is not None:  # ChunkedAllToAll: the exchange overlapped with the experts (chunked.py)
-            out = pipelined(self.experts, hidden_states, topk_weights, topk_ids)
-        else:
-            d = self.prepare_finalize.prepare(hidden_states, topk_weights, topk_ids)
-            # x_scale only when the rows arrive quantized: Experts written before it existed keep working.
-            extra = {} if d.x_scale is None else {"x_scale": d.x_scale}
-            y = self.experts(d.x, d.topk_weights, d.topk_ids, d.expert_map, d.num_local_experts, **extra)
-            out = self.prepare_finalize.finalize(y, d)
+            return pipelined(self.experts, hidden_states, topk_weights, topk_ids, shared_experts=self.shared_experts)
+        d = self.prepare_finalize.prepare(hidden_states, topk_weights, topk_ids)
+        # x_scale only when the rows arrive quantized: Experts written before it existed keep working.
+        extra = {} if d.x_scale is None else {"x_scale": d.x_scale}
+        y = self.experts(d.x, d.topk_weights, d.topk_ids, d.expert_map, d.num_local_experts, **extra)
+        out = self.prepare_finalize.finalize(y, d)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out
