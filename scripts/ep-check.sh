@@ -22,7 +22,7 @@ NPROC=${NPROC:-2}
 BACKEND=${BACKEND:-nccl}
 ARGS=${ARGS:-}
 # ep_dist's stages; chunked = ChunkedAllToAll against AllToAll and one GPU (docs/ep.md)
-EP_STAGES=${EP_STAGES:-check,comm,layer,chunked,graph}
+EP_STAGES=${EP_STAGES:-check,comm,align,layer,chunked,graph}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -45,7 +45,7 @@ if [[ " $STAGES " == *" run "* ]]; then
   rc=${PIPESTATUS[0]}
   if [ "$BACKEND" = nccl ]; then
     # The 2-GPU tests: the chunked layer captured in a CUDA graph (tests/test_ep_chunked.py).
-    timeout 300 python3 -m pytest tests/test_ep_chunked.py -q -k cuda_graph 2>&1 | tee "$OUT/ep_pytest.log"
+    timeout 180 python3 -m pytest tests/test_ep_chunked.py -q -k cuda_graph 2>&1 | tee "$OUT/ep_pytest.log"
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   fi
   cp bench/results/bench_ep_dist_*.json "$OUT/" 2>/dev/null

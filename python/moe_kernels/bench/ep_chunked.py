@@ -68,3 +68,43 @@ def chunked(args, rank, world, device, *, fp8_weights, block_scales, route, time
 
 COLUMNS = ["experts", "T", "mode", "chunks", "used", "ep_us", "unchunked_us", "single_us", "ep/single", "ep/unchunked",
            "graph_us", "unchunked_graph_us", "graph/single", "bit_equal"]
+
+
+# Record sizes of DeepSeek-V3's rows (H=7168, K=8): fp8 per token 7248 (16-byte aligned only), fp8
+# per 128-group 7456 (32), the per-token record padded to 256 bytes 7424, bf16 14400 (64), and the
+# bf16 combine row 14336 (2048).
+ALIGN_RECORD_BYTES = (7248, 7424, 7456, 14400, 14336)
+
+
+def alignment(args, rank, world, device, *, route, timed, all_ranks):
+    """Raw all_to_all_single of the variable splits of a real routing, at several record sizes,
+    against equal splits of the same bytes: does NCCL slow down on rank segments that start at
+    offsets aligned to 16 bytes only (docs/ep.md, the fp8 variable mode's 0.40 of raw)?
+    -> rows: T, record_bytes, offset_align (largest power of two dividing the record), MB, us
+    (variable splits), equal_us, variable/equal."""
+    import torch.distributed as dist
+    from moe_kernels.ops.ep import ep_dispatch_plan
+
+    rows = []
+    for T in args.tokens:
+        _, ids = route(T, args, device, seed=1000 * T + rank)
+        _, counts, _ = ep_dispatch_plan(ids, args.experts // world, world, -1)
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts)
+        send_n, recv_n = counts.tolist(), recv.tolist()
+        for rb in ALIGN_RECORD_BYTES:
+            src = torch.empty(sum(send_n) * rb, dtype=torch.uint8, device=device)
+            dst = torch.empty(sum(recv_n) * rb, dtype=torch.uint8, device=device)
+            ss, rs = [n * rb for n in send_n], [n * rb for n in recv_n]
+            t_var = timed(lambda: dist.all_to_all_single(dst, src, rs, ss), args, device)
+            total = all_ranks(sum(ss), device, dist.ReduceOp.MAX)
+            split = int(total // world) // 256 * 256
+            esrc = torch.empty(world * split, dtype=torch.uint8, device=device)
+            edst = torch.empty_like(esrc)
+            t_eq = timed(lambda: dist.all_to_all_single(edst, esrc), args, device)
+            rows.append({"T": T, "record_bytes": rb, "offset_align": rb & -rb, "MB": sum(ss) / 1e6,
+                         "us": t_var * 1e6, "equal_us": t_eq * 1e6, "variable/equal": t_var / t_eq})
+    return rows
+
+
+ALIGN_COLUMNS = ["T", "record_bytes", "offset_align", "MB", "us", "equal_us", "variable/equal"]
