@@ -1,10 +1,10 @@
-// Every schema of the library, in one place. Implementations register per dispatch key beside
-// their glue (csrc/<capability>/ops.cpp); fake (meta) kernels live in python/moe_kernels/ops/.
-#include <torch/library.h>
+// Every schema of the library, in one place (the schemas are public API: unchanged by the move to
+// the stable ABI). Implementations register per dispatch key beside their glue
+// (csrc/<capability>/ops.cpp, STABLE_TORCH_LIBRARY_IMPL); fake (meta) kernels live in
+// python/moe_kernels/ops/.
+#include "common/stable_glue.h"
 
-#include "moe_kernels/gemm.h"
-
-TORCH_LIBRARY(moe_kernels, m) {
+STABLE_TORCH_LIBRARY(moe_kernels, m) {
   // permute/
   m.def("moe_sort_tokens(Tensor topk_ids, int num_experts, Tensor? expert_map=None, int num_local_experts=-1, "
         "int align_block_size=0) -> (Tensor expert_offsets, Tensor inv_permuted_idx, Tensor permuted_idx)");
@@ -40,8 +40,9 @@ TORCH_LIBRARY(moe_kernels, m) {
   // gemm/ and moe/
   m.def("cutlass_grouped_gemm_fp8(Tensor a, Tensor b, Tensor a_scales, Tensor b_scales, Tensor expert_offsets, "
         "ScalarType? out_dtype=None) -> Tensor");
-  // No tensors, hence no dispatch key: one kernel for every backend, registered with the schema.
-  m.def("grouped_gemm_fp8_configs() -> str[]", &moe_kernels::grouped_gemm_fp8_configs);
+  // No tensors, hence no dispatch key: one kernel for every backend (CompositeExplicitAutograd, in
+  // gemm/ops.cpp; the stable def takes no function).
+  m.def("grouped_gemm_fp8_configs() -> str[]");
   m.def("cutlass_moe_fp8(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
         "Tensor w1_scale, Tensor w2_scale, Tensor? a1_scale=None, Tensor? a2_scale=None, bool per_act_token=False, "
         "bool per_out_ch=False, Tensor? expert_map=None, int num_local_experts=-1, "

@@ -3,7 +3,16 @@
 
 #include <string>
 
+#ifndef MOE_KERNELS_CUDA_ARCHS
+#define MOE_KERNELS_CUDA_ARCHS "unknown"
+#endif
+
 namespace moe_kernels {
+
+// The architectures the build compiled the portable kernels for (CMakeLists.txt), kept in the binary
+// so that `strings _C.so | grep MOE_KERNELS_CUDA_ARCHS=` tells, and tests/test_stable_abi.py checks
+// them against cuobjdump's listing.
+[[gnu::used]] static const char kBuildArchs[] = "MOE_KERNELS_CUDA_ARCHS=" MOE_KERNELS_CUDA_ARCHS;
 
 namespace detail {
 

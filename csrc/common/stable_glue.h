@@ -31,6 +31,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Float8_e4m3fn.h>
 #include <torch/headeronly/util/Half.h>
 
 #include <array>
@@ -56,6 +57,7 @@ using Tensor = torch::stable::Tensor;
 using ScalarType = torch::headeronly::ScalarType;
 using Half = torch::headeronly::Half;
 using BFloat16 = torch::headeronly::BFloat16;
+using Float8_e4m3fn = torch::headeronly::Float8_e4m3fn;
 
 constexpr ScalarType kFloat = ScalarType::Float;
 constexpr ScalarType kHalf = ScalarType::Half;
@@ -77,6 +79,25 @@ inline std::ostream& operator<<(std::ostream& os, const ShapeOf& s) {
   const int64_t d = s.t.dim();
   for (int64_t i = 0; i < d; ++i) os << (i ? ", " : "") << s.t.size(i);
   return os << ']';
+}
+
+// Strides, printed the same way.
+struct StridesOf {
+  const Tensor& t;
+};
+inline StridesOf strides_of(const Tensor& t) { return {t}; }
+inline std::ostream& operator<<(std::ostream& os, const StridesOf& s) {
+  os << '[';
+  const int64_t d = s.t.dim();
+  for (int64_t i = 0; i < d; ++i) os << (i ? ", " : "") << s.t.stride(i);
+  return os << ']';
+}
+inline bool same_shape(const Tensor& a, const Tensor& b) {
+  const int64_t d = a.dim();
+  if (d != b.dim()) return false;
+  for (int64_t i = 0; i < d; ++i)
+    if (a.size(i) != b.size(i)) return false;
+  return true;
 }
 
 // Prints as at::Device did: cpu, cuda:0.
@@ -111,6 +132,17 @@ inline void check_same_device(const char* op, const char* name, const Tensor& t,
                   device_of(t));
 }
 
+// Data pointer as T* without the typed accessor's dtype check (one shim call instead of three):
+// for the glue, after the op's own checks established the dtype.
+template <class T>
+inline T* ptr(const Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+template <class T>
+inline const T* cptr(const Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+
 // ---- allocation ----
 
 namespace detail {
@@ -119,8 +151,19 @@ inline int32_t shim_dtype(ScalarType t) {
 }
 }  // namespace detail
 
-// A contiguous uninitialized tensor of `dtype` on `like`'s device: one call of the AOTI shim (unboxed
-// at::empty_strided), cheaper on the host than the boxed aten::empty of torch::stable::empty.
+// An uninitialized tensor of `dtype` on `like`'s device, row-major unless `strides` are given: one
+// call of the AOTI shim (unboxed at::empty_strided), cheaper on the host than the boxed aten::empty
+// of torch::stable::empty.
+inline Tensor empty_strided_on(int64_t ndim, const int64_t* sizes, const int64_t* strides, ScalarType dtype,
+                               const Tensor& like) {
+  int32_t dev_type = 0, dev_index = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &dev_type));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &dev_index));
+  AtenTensorHandle h = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch_empty_strided(ndim, sizes, strides, detail::shim_dtype(dtype), dev_type, dev_index, &h));
+  return Tensor(h);
+}
 template <size_t N>
 inline Tensor empty_on(const int64_t (&sizes)[N], ScalarType dtype, const Tensor& like) {
   int64_t strides[N > 0 ? N : 1];
@@ -129,13 +172,7 @@ inline Tensor empty_on(const int64_t (&sizes)[N], ScalarType dtype, const Tensor
     strides[i] = s;
     s *= sizes[i] > 1 ? sizes[i] : 1;
   }
-  int32_t dev_type = 0, dev_index = 0;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &dev_type));
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &dev_index));
-  AtenTensorHandle h = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(N), sizes, strides,
-                                                         detail::shim_dtype(dtype), dev_type, dev_index, &h));
-  return Tensor(h);
+  return empty_strided_on(static_cast<int64_t>(N), sizes, strides, dtype, like);
 }
 // Same, zero-filled.
 template <size_t N>
@@ -143,6 +180,43 @@ inline Tensor zeros_on(const int64_t (&sizes)[N], ScalarType dtype, const Tensor
   Tensor t = empty_on(sizes, dtype, like);
   torch::stable::zero_(t);
   return t;
+}
+
+// Bytes per element of the dtypes our ops take (sizeof of the C++ type).
+inline int64_t element_size_of(ScalarType t) {
+  switch (t) {
+    case ScalarType::Double:
+    case ScalarType::Long: return 8;
+    case ScalarType::Float:
+    case ScalarType::Int: return 4;
+    case ScalarType::Half:
+    case ScalarType::BFloat16:
+    case ScalarType::Short: return 2;
+    case ScalarType::Float8_e4m3fn:
+    case ScalarType::Float8_e5m2:
+    case ScalarType::Byte:
+    case ScalarType::Char:
+    case ScalarType::Bool: return 1;
+    default: STD_TORCH_CHECK(false, "moe_kernels: element size of unsupported dtype ", t);
+  }
+  return 0;
+}
+
+// A view of the contiguous tensor t with new (row-major) sizes, same element count: one unboxed shim
+// call (aoti_torch__reinterpret_tensor); a non-contiguous t goes through the boxed aten::reshape.
+template <size_t N>
+inline Tensor reshape_to(const Tensor& t, const int64_t (&sizes)[N]) {
+  if (!t.is_contiguous()) return torch::stable::reshape(t, torch::headeronly::IntHeaderOnlyArrayRef(sizes, N));
+  int64_t strides[N > 0 ? N : 1];
+  int64_t s = 1;
+  for (size_t i = N; i-- > 0;) {
+    strides[i] = s;
+    s *= sizes[i] > 1 ? sizes[i] : 1;
+  }
+  AtenTensorHandle h = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch__reinterpret_tensor(t.get(), static_cast<int64_t>(N), sizes, strides, t.storage_offset(), &h));
+  return Tensor(h);
 }
 
 // ---- element access of CPU references ----

@@ -1,12 +1,12 @@
 // Argument checks of the FP8 grouped GEMM, shared by the CUDA and CPU implementations.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/stable_glue.h"
 
 namespace moe_kernels {
 
-void check_grouped_gemm_fp8_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
-                                 const at::Tensor& b_scales, const at::Tensor& expert_offsets,
-                                 std::optional<at::ScalarType> out_dtype);
+void check_grouped_gemm_fp8_args(const Tensor& a, const Tensor& b, const Tensor& a_scales,
+                                 const Tensor& b_scales, const Tensor& expert_offsets,
+                                 std::optional<ScalarType> out_dtype);
 
 }  // namespace moe_kernels

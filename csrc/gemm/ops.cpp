@@ -1,16 +1,15 @@
 // Torch glue of the FP8 grouped GEMM: checks, scratch and workspace from the caching allocator,
-// the launch on the current stream; and the CPU reference (dequantize, matmul per expert).
-#include <torch/library.h>
-
+// the launch on the current stream; and the CPU reference (dequantize, fp32 dot products per
+// expert). Stable ABI, see common/stable_glue.h.
 #include <array>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
-#include "common/torch_glue.h"
+#include "common/stable_glue.h"
 #include "gemm/checks.h"
+#include "gemm/glue.h"
 #include "gemm/launchers.h"
-#include "moe_kernels/gemm.h"
 
 namespace moe_kernels {
 namespace {
@@ -35,30 +34,44 @@ const GroupedGemmFp8Kernel& pick_kernel(int64_t avg_rows_per_expert, int64_t dep
   const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
   if (forced == nullptr || forced[0] == '\0') return chosen;
   const GroupedGemmFp8Kernel* k = find_grouped_gemm_fp8(forced);
-  TORCH_CHECK(k != nullptr, "cutlass_grouped_gemm_fp8: MOE_KERNELS_GEMM_CONFIG=", forced,
-              " names no compiled configuration; see moe_kernels.grouped_gemm_fp8_configs()");
+  STD_TORCH_CHECK(k != nullptr, "cutlass_grouped_gemm_fp8: MOE_KERNELS_GEMM_CONFIG=", forced,
+                  " names no compiled configuration; see moe_kernels.grouped_gemm_fp8_configs()");
   return k->block_scaled == block_scaled ? *k : chosen;
 }
 
-at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
-                                 const at::Tensor& b_scales, const at::Tensor& expert_offsets,
-                                 std::optional<at::ScalarType> out_dtype) {
+}  // namespace
+
+void check_gemm_arch(const char* op, const Tensor& t) {
+  const int device = static_cast<int>(t.get_device_index());
+  const int cc = compute_capability(device);
+  // sm_90a code runs on compute capability 9.0 only (arch-specific features: wgmma, TMA multicast).
+  STD_TORCH_CHECK(cc == 90, op, ": the CUTLASS FP8 grouped GEMMs are built for sm_90a (Hopper: H100, H200, H20) "
+                  "only; cuda:", device, " has compute capability ", cc / 10, ".", cc % 10, ". On this GPU the "
+                  "routing, permute/unpermute, quantization and expert-parallel ops work (sm_80 and newer), and the "
+                  "HF \"moe_kernels\" implementation runs its GEMMs through torch._grouped_mm");
+}
+
+namespace cuda {
+
+Tensor cutlass_grouped_gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& a_scales, const Tensor& b_scales,
+                                const Tensor& expert_offsets, std::optional<ScalarType> out_dtype) {
+  const char* op = "cutlass_grouped_gemm_fp8";
   check_grouped_gemm_fp8_args(a, b, a_scales, b_scales, expert_offsets, out_dtype);
-  const c10::cuda::CUDAGuard guard(a.device());
+  check_gemm_arch(op, a);
+  const CudaDeviceScope scope(a);
   const int E = static_cast<int>(b.size(0));
-  auto out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
+  Tensor out = empty_on({a.size(0), b.size(1)}, kBFloat16, a);
   if (a.size(0) == 0 || E == 0) return out;
-  const int sms = sm_count(a.get_device());
+  const int sms = sm_count(static_cast<int>(a.get_device_index()));
   const bool block_scaled = b_scales.dim() == 3;
   const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0) / E, a.size(1), block_scaled);
-  auto bytes = a.options().dtype(at::kByte);
-  at::Tensor scratch = at::empty({static_cast<int64_t>(kernel.scratch_bytes(E))}, bytes);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(kernel.workspace_bytes(sms)) + 1}, bytes);
+  Tensor scratch = empty_on({static_cast<int64_t>(kernel.scratch_bytes(E))}, kByte, a);
+  Tensor workspace = empty_on({static_cast<int64_t>(kernel.workspace_bytes(sms)) + 1}, kByte, a);
   GroupedGemmFp8Args args{a.data_ptr(),
                           b.data_ptr(),
-                          a_scales.data_ptr<float>(),
-                          b_scales.data_ptr<float>(),
-                          expert_offsets.data_ptr<int64_t>(),
+                          cptr<float>(a_scales),
+                          cptr<float>(b_scales),
+                          cptr<int64_t>(expert_offsets),
                           out.data_ptr(),
                           a.size(0),
                           E,
@@ -70,61 +83,67 @@ at::Tensor grouped_gemm_fp8_cuda(const at::Tensor& a, const at::Tensor& b, const
                           /*a_per_token=*/a_scales.numel() != 1,
                           /*b_per_channel=*/b_scales.numel() != E,
                           block_scaled};
-  const char* err = kernel.launch(args, current_stream());
-  TORCH_CHECK(err[0] == '\0', "cutlass_grouped_gemm_fp8 (", kernel.name, "): ", err);
+  const char* err = kernel.launch(args, current_stream(a));
+  STD_TORCH_CHECK(err[0] == '\0', op, " (", kernel.name, "): ", err);
   return out;
 }
 
-// The specification: rows of expert e times its dequantized weight, in fp32, rounded once to bf16.
-at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
-                                const at::Tensor& b_scales, const at::Tensor& expert_offsets,
-                                std::optional<at::ScalarType> out_dtype) {
+}  // namespace cuda
+
+namespace cpu {
+
+// The specification: rows of expert e times its dequantized weight, dot products in fp32 (K order),
+// rounded once to bf16. Per tensor/token/channel: bf16(sa * sb * sum_k a*b); block-scaled: the sum
+// of the dequantized products (a * a_scale of its 128-column group) * (b * scale of its 128x128 block).
+Tensor cutlass_grouped_gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& a_scales, const Tensor& b_scales,
+                                const Tensor& expert_offsets, std::optional<ScalarType> out_dtype) {
   check_grouped_gemm_fp8_args(a, b, a_scales, b_scales, expert_offsets, out_dtype);
-  const int64_t E = b.size(0);
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
-  const int64_t* off = expert_offsets.data_ptr<int64_t>();
+  const int64_t E = b.size(0), M = a.size(0), N = b.size(1), K = a.size(1);
+  Tensor out = empty_on({M, N}, kBFloat16, a);
+  const int64_t* off = cptr<int64_t>(expert_offsets);
   // The reference can afford to read the offsets: it rejects what the CUDA path only clamps.
   for (int64_t e = 0; e <= E; ++e) {
-    TORCH_CHECK(off[e] >= (e == 0 ? 0 : off[e - 1]) && off[e] <= a.size(0),
-                "cutlass_grouped_gemm_fp8: expert_offsets must be non-decreasing within [0, M=", a.size(0), "], got ",
-                off[e], " at index ", e);
+    STD_TORCH_CHECK(off[e] >= (e == 0 ? 0 : off[e - 1]) && off[e] <= M,
+                    "cutlass_grouped_gemm_fp8: expert_offsets must be non-decreasing within [0, M=", M, "], got ",
+                    off[e], " at index ", e);
   }
-  if (b_scales.dim() == 3) {
-    // Block-scaled: dequantize each 128-column group of a row and each 128x128 block of a weight,
-    // then one fp32 matmul (the same sum as scaling each K block's partial sum).
-    const at::Tensor a_deq = a.to(at::kFloat) * a_scales.repeat_interleave(128, 1);
-    for (int64_t e = 0; e < E; ++e) {
-      if (off[e + 1] <= off[e]) continue;
-      const at::Tensor w = b[e].to(at::kFloat) * b_scales[e].repeat_interleave(128, 0).repeat_interleave(128, 1);
-      out.slice(0, off[e], off[e + 1]).copy_(at::matmul(a_deq.slice(0, off[e], off[e + 1]), w.t()));
-    }
-    return out;
-  }
-  // a_scale: [1, 1] or [M, 1]; b_scale of expert e: [1] or [N] (broadcast over rows).
-  const at::Tensor as = a_scales.reshape({-1, 1});
+  const auto* ap = cptr<Float8_e4m3fn>(a);
+  const auto* bp = cptr<Float8_e4m3fn>(b);
+  const float* as = cptr<float>(a_scales);
+  const float* bs = cptr<float>(b_scales);
+  BFloat16* op = ptr<BFloat16>(out);
+  const bool block = b_scales.dim() == 3;
   const bool per_token = a_scales.numel() != 1;
   const bool per_channel = b_scales.numel() != E;
+  const int64_t KB = K / 128, NB = N / 128;
+  std::vector<float> x(K), w(N * K);
   for (int64_t e = 0; e < E; ++e) {
     if (off[e + 1] <= off[e]) continue;
-    const at::Tensor rows = a.slice(0, off[e], off[e + 1]).to(at::kFloat);
-    const at::Tensor w = b[e].to(at::kFloat);
-    const at::Tensor sa = per_token ? as.slice(0, off[e], off[e + 1]) : as;
-    const at::Tensor sb = per_channel ? b_scales[e] : b_scales.reshape({-1}).slice(0, e, e + 1);
-    out.slice(0, off[e], off[e + 1]).copy_(at::matmul(rows, w.t()).mul_(sa).mul_(sb));
+    // Expert e's weight as fp32, dequantized per 128x128 block in block mode.
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = static_cast<float>(bp[(e * N + n) * K + k]);
+        w[n * K + k] = block ? v * bs[(e * NB + n / 128) * KB + k / 128] : v;
+      }
+    for (int64_t m = off[e]; m < off[e + 1]; ++m) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = static_cast<float>(ap[m * K + k]);
+        x[k] = block ? v * as[m * KB + k / 128] : v;
+      }
+      const float sa = block ? 1.f : as[per_token ? m : 0];
+      for (int64_t n = 0; n < N; ++n) {
+        float acc = 0.f;
+        const float* wr = w.data() + n * K;
+        for (int64_t k = 0; k < K; ++k) acc += x[k] * wr[k];
+        if (!block) acc = acc * sa * bs[per_channel ? e * N + n : e];
+        op[m * N + n] = BFloat16(acc);
+      }
+    }
   }
   return out;
 }
 
-}  // namespace
-
-at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scales,
-                                    const at::Tensor& b_scales, const at::Tensor& expert_offsets,
-                                    std::optional<at::ScalarType> out_dtype) {
-  static auto handle = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("moe_kernels::cutlass_grouped_gemm_fp8", "")
-                           .typed<decltype(cutlass_grouped_gemm_fp8)>();
-  return handle.call(a, b, a_scales, b_scales, expert_offsets, out_dtype);
-}
+}  // namespace cpu
 
 std::vector<std::string> grouped_gemm_fp8_configs() {
   std::vector<std::string> names;
@@ -132,7 +151,15 @@ std::vector<std::string> grouped_gemm_fp8_configs() {
   return names;
 }
 
-TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) { m.impl("cutlass_grouped_gemm_fp8", &grouped_gemm_fp8_cuda); }
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("cutlass_grouped_gemm_fp8", &grouped_gemm_fp8_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
+  m.impl("cutlass_grouped_gemm_fp8", TORCH_BOX(&cuda::cutlass_grouped_gemm_fp8));
+}
+STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("cutlass_grouped_gemm_fp8", TORCH_BOX(&cpu::cutlass_grouped_gemm_fp8));
+}
+// No tensor argument, hence no dispatch key to pick a backend: one kernel for all.
+STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {
+  m.impl("grouped_gemm_fp8_configs", TORCH_BOX(&grouped_gemm_fp8_configs));
+}
 
 }  // namespace moe_kernels

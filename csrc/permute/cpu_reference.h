@@ -2,31 +2,31 @@
 // that the CUDA kernels are tested against.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/stable_glue.h"
 
 #include <optional>
 #include <tuple>
 
 namespace moe_kernels::cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor& topk_ids, int64_t num_experts,
-                                                              const std::optional<at::Tensor>& expert_map,
+std::tuple<Tensor, Tensor, Tensor> moe_sort_tokens(const Tensor& topk_ids, int64_t num_experts,
+                                                              const std::optional<Tensor>& expert_map,
                                                               int64_t num_local_experts, int64_t align_block_size);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
-    const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
-    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size,
-    const std::optional<at::Tensor>& scales);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_permute(
+    const Tensor& hidden_states, const Tensor& topk_ids, int64_t num_experts,
+    const std::optional<Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size,
+    const std::optional<Tensor>& scales);
 
 // out[t] = sum over kept k of w[t,k] * rows[index[t,k]]; kept: index >= 0 and, when topk_ids is
 // given, start <= topk_ids[t,k] <= end. Accumulates in fp32 in k order.
-at::Tensor weighted_gather(const at::Tensor& rows, const at::Tensor& topk_weights, const at::Tensor& index,
-                           const std::optional<at::Tensor>& topk_ids, int64_t start_expert, int64_t end_expert);
+Tensor weighted_gather(const Tensor& rows, const Tensor& topk_weights, const Tensor& index,
+                           const std::optional<Tensor>& topk_ids, int64_t start_expert, int64_t end_expert);
 
-at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
-                         const at::Tensor& inv_permuted_idx);
+Tensor moe_unpermute(const Tensor& permuted, const Tensor& topk_weights,
+                         const Tensor& inv_permuted_idx);
 
-std::tuple<at::Tensor, at::Tensor> compute_problem_sizes(const at::Tensor& expert_offsets, int64_t n, int64_t k,
+std::tuple<Tensor, Tensor> compute_problem_sizes(const Tensor& expert_offsets, int64_t n, int64_t k,
                                                          bool swap_ab);
 
 }  // namespace moe_kernels::cpu

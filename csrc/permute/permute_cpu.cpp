@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -6,24 +8,25 @@
 
 namespace moe_kernels::cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor& topk_ids, int64_t num_experts,
-                                                              const std::optional<at::Tensor>& expert_map,
+std::tuple<Tensor, Tensor, Tensor> moe_sort_tokens(const Tensor& topk_ids, int64_t num_experts,
+                                                              const std::optional<Tensor>& expert_map,
                                                               int64_t num_local_experts, int64_t align_block_size) {
   const char* op = "moe_sort_tokens";
   const SortShape s = check_sort_args(op, topk_ids, num_experts, expert_map, num_local_experts, align_block_size);
-  const at::Tensor ids = topk_ids.to(at::kLong);
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const int32_t* map = expert_map ? expert_map->data_ptr<int32_t>() : nullptr;
+  const void* id = topk_ids.const_data_ptr();
+  const bool id64 = topk_ids.scalar_type() == kLong;
+  const int32_t* map = expert_map ? ptr<int32_t>(*expert_map) : nullptr;
   const int64_t choices = s.num_tokens * s.topk;
 
   // The local expert of each choice, -1 when dropped. Unlike the GPU (which cannot raise on data
   // without a host sync and drops such choices), the reference rejects ids out of range.
   std::vector<int64_t> local(choices);
   for (int64_t i = 0; i < choices; ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, op, ": topk_ids holds ", id[i], ", outside [0, num_experts=",
-                num_experts, ")");
-    local[i] = map ? map[id[i]] : id[i];
-    TORCH_CHECK(local[i] >= -1 && local[i] < s.num_local_experts, op, ": expert_map[", id[i], "] = ", local[i],
+    const int64_t e = read_index(id, id64, i);
+    STD_TORCH_CHECK(e >= 0 && e < num_experts, op, ": topk_ids holds ", e, ", outside [0, num_experts=",
+                    num_experts, ")");
+    local[i] = map ? map[e] : e;
+    STD_TORCH_CHECK(local[i] >= -1 && local[i] < s.num_local_experts, op, ": expert_map[", e, "] = ", local[i],
                 ", outside [-1, num_local_experts=", s.num_local_experts, ")");
   }
 
@@ -31,12 +34,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor&
   for (int64_t e : local)
     if (e >= 0) ++count[e];
 
-  auto offsets = at::empty({s.num_local_experts + 1}, topk_ids.options().dtype(at::kLong));
-  auto inv = at::empty({s.num_tokens, s.topk}, topk_ids.options().dtype(at::kInt));
-  auto perm = at::full({s.num_rows}, -1, topk_ids.options().dtype(at::kInt));
-  int64_t* off = offsets.data_ptr<int64_t>();
-  int32_t* inv_p = inv.data_ptr<int32_t>();
-  int32_t* perm_p = perm.data_ptr<int32_t>();
+  auto offsets = empty_on({s.num_local_experts + 1}, kLong, topk_ids);
+  auto inv = empty_on({s.num_tokens, s.topk}, kInt, topk_ids);
+  auto perm = empty_on({s.num_rows}, kInt, topk_ids);
+  int64_t* off = ptr<int64_t>(offsets);
+  int32_t* inv_p = ptr<int32_t>(inv);
+  int32_t* perm_p = ptr<int32_t>(perm);
+  std::fill(perm_p, perm_p + s.num_rows, -1);
 
   std::vector<int64_t> next(s.num_local_experts);
   int64_t row = 0;
@@ -59,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_sort_tokens(const at::Tensor&
   return {offsets, inv, perm};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(
-    const at::Tensor& hidden_states, const at::Tensor& topk_ids, int64_t num_experts,
-    const std::optional<at::Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size,
-    const std::optional<at::Tensor>& scales) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_permute(
+    const Tensor& hidden_states, const Tensor& topk_ids, int64_t num_experts,
+    const std::optional<Tensor>& expert_map, int64_t num_local_experts, int64_t align_block_size,
+    const std::optional<Tensor>& scales) {
   const char* op = "moe_permute";
   check_permute_hidden(op, hidden_states, topk_ids);
   const int64_t G = scales ? check_permute_scales(op, *scales, hidden_states) : 0;
@@ -70,16 +74,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
   const int64_t M = perm.size(0);
   const int64_t H = hidden_states.size(1);
   const int64_t K = topk_ids.size(1);
-  auto permuted = at::empty({M, H}, hidden_states.options());
-  const auto f32 = hidden_states.options().dtype(at::kFloat);
-  auto permuted_scales = scales ? at::empty({M, G}, f32) : at::empty({0}, f32);
+  auto permuted = empty_on({M, H}, hidden_states.scalar_type(), hidden_states);
+  Tensor permuted_scales = scales ? empty_on({M, G}, kFloat, hidden_states) : empty_on({int64_t{0}}, kFloat, hidden_states);
   const int64_t row_bytes = H * hidden_states.element_size();
   const auto* src = static_cast<const uint8_t*>(hidden_states.data_ptr());
   auto* dst = static_cast<uint8_t*>(permuted.data_ptr());
-  const float* src_s = scales ? scales->data_ptr<float>() : nullptr;
-  float* dst_s = scales ? permuted_scales.data_ptr<float>() : nullptr;
-  const int32_t* perm_p = perm.data_ptr<int32_t>();
-  const int64_t used = offsets[-1].item<int64_t>();
+  const float* src_s = scales ? ptr<float>(*scales) : nullptr;
+  float* dst_s = scales ? ptr<float>(permuted_scales) : nullptr;
+  const int32_t* perm_p = ptr<int32_t>(perm);
+  const int64_t used = ptr<int64_t>(offsets)[offsets.size(0) - 1];
   // A row and its G scales move together. Padding rows (and their scales) get zeros; rows past
   // `used` are unspecified.
   for (int64_t r = 0; r < used; ++r) {
@@ -94,49 +97,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
   return {permuted, offsets, inv, perm, permuted_scales};
 }
 
-at::Tensor weighted_gather(const at::Tensor& rows, const at::Tensor& topk_weights, const at::Tensor& index,
-                           const std::optional<at::Tensor>& topk_ids, int64_t start_expert, int64_t end_expert) {
+Tensor weighted_gather(const Tensor& rows, const Tensor& topk_weights, const Tensor& index,
+                           const std::optional<Tensor>& topk_ids, int64_t start_expert, int64_t end_expert) {
   const int64_t T = index.size(0);
   const int64_t K = index.size(1);
   const int64_t R = rows.size(0);
   const int64_t H = rows.size(1);
-  const at::Tensor x = rows.to(at::kFloat);
-  const at::Tensor w = topk_weights.to(at::kFloat);
-  const at::Tensor ids = topk_ids ? topk_ids->to(at::kLong) : at::Tensor();
-  at::Tensor acc = at::zeros({T, H}, rows.options().dtype(at::kFloat));
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const int32_t* ip = index.data_ptr<int32_t>();
-  const int64_t* idp = topk_ids ? ids.data_ptr<int64_t>() : nullptr;
-  float* out = acc.data_ptr<float>();
+  // Inputs read as float (exact for float16/bfloat16); fp32 accumulators, rounded once at the end.
+  const void* xp = rows.const_data_ptr();
+  const ScalarType xt = rows.scalar_type();
+  const void* wp = topk_weights.const_data_ptr();
+  const ScalarType wt = topk_weights.scalar_type();
+  const int32_t* ip = cptr<int32_t>(index);
+  const void* idp = topk_ids ? topk_ids->const_data_ptr() : nullptr;
+  const bool id64 = topk_ids && topk_ids->scalar_type() == kLong;
+  std::vector<float> out(T * H, 0.f);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t flat = t * K + k;
       const int32_t r = ip[flat];
       if (r < 0 || r >= R) continue;  // dropped (or a bad index: skipped, as on the GPU)
-      if (idp && (idp[flat] < start_expert || idp[flat] > end_expert)) continue;
-      for (int64_t h = 0; h < H; ++h) out[t * H + h] = std::fma(wp[flat], xp[r * H + h], out[t * H + h]);
+      if (idp) {
+        const int64_t e = read_index(idp, id64, flat);
+        if (e < start_expert || e > end_expert) continue;
+      }
+      const float w = read_as_float(wp, wt, flat);
+      for (int64_t h = 0; h < H; ++h) out[t * H + h] = std::fma(w, read_as_float(xp, xt, r * H + h), out[t * H + h]);
     }
   }
-  return acc.to(rows.scalar_type());
+  Tensor result = empty_on({T, H}, xt, rows);
+  void* rp = result.mutable_data_ptr();
+  for (int64_t i = 0; i < T * H; ++i) write_from_float(rp, xt, i, out[i]);
+  return result;
 }
 
-at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
-                         const at::Tensor& inv_permuted_idx) {
+Tensor moe_unpermute(const Tensor& permuted, const Tensor& topk_weights,
+                         const Tensor& inv_permuted_idx) {
   check_weighted_gather_args("moe_unpermute", "permuted", permuted, topk_weights, inv_permuted_idx,
                              "inv_permuted_idx");
   return weighted_gather(permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0);
 }
 
-std::tuple<at::Tensor, at::Tensor> compute_problem_sizes(const at::Tensor& expert_offsets, int64_t n, int64_t k,
+std::tuple<Tensor, Tensor> compute_problem_sizes(const Tensor& expert_offsets, int64_t n, int64_t k,
                                                          bool swap_ab) {
   check_problem_sizes_args(expert_offsets, n, k);
   const int64_t E = expert_offsets.size(0) - 1;
-  auto ps1 = at::empty({E, 3}, expert_offsets.options().dtype(at::kInt));
-  auto ps2 = at::empty({E, 3}, expert_offsets.options().dtype(at::kInt));
-  const int64_t* off = expert_offsets.data_ptr<int64_t>();
-  int32_t* p1 = ps1.data_ptr<int32_t>();
-  int32_t* p2 = ps2.data_ptr<int32_t>();
+  auto ps1 = empty_on({E, 3}, kInt, expert_offsets);
+  auto ps2 = empty_on({E, 3}, kInt, expert_offsets);
+  const int64_t* off = ptr<int64_t>(expert_offsets);
+  int32_t* p1 = ptr<int32_t>(ps1);
+  int32_t* p2 = ptr<int32_t>(ps2);
   for (int64_t e = 0; e < E; ++e) {
     const int32_t m = static_cast<int32_t>(off[e + 1] - off[e]);
     const int32_t g1[3] = {m, static_cast<int32_t>(2 * n), static_cast<int32_t>(k)};

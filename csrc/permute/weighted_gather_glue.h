@@ -3,14 +3,14 @@
 // whose expert lies in [start_expert, end_expert].
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/stable_glue.h"
 
 #include <optional>
 
 namespace moe_kernels::cuda {
 
-at::Tensor weighted_gather(const char* op, const at::Tensor& rows, const at::Tensor& topk_weights,
-                           const at::Tensor& index, const std::optional<at::Tensor>& topk_ids, int64_t start_expert,
+Tensor weighted_gather(const char* op, const Tensor& rows, const Tensor& topk_weights,
+                           const Tensor& index, const std::optional<Tensor>& topk_ids, int64_t start_expert,
                            int64_t end_expert);
 
 }  // namespace moe_kernels::cuda

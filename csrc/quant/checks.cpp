@@ -2,42 +2,42 @@
 
 namespace moe_kernels {
 
-QuantShape check_quant_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale,
+QuantShape check_quant_args(const char* op, const Tensor& x, const std::optional<Tensor>& scale,
                             bool silu_and_mul) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D ", silu_and_mul ? "[M, 2I]" : "[M, K]", ", got shape ", x.sizes());
+  STD_TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D ", silu_and_mul ? "[M, 2I]" : "[M, K]", ", got shape ", shape_of(x));
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, op,
+  STD_TORCH_CHECK(dt == kBFloat16 || dt == kHalf || dt == kFloat, op,
               ": x must be bfloat16, float16 or float32, got ", dt);
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  STD_TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   if (silu_and_mul) {
-    TORCH_CHECK(x.size(1) % 2 == 0, op, ": x must have an even number of columns (gate and up halves, [M, 2I]), got ",
+    STD_TORCH_CHECK(x.size(1) % 2 == 0, op, ": x must have an even number of columns (gate and up halves, [M, 2I]), got ",
                 x.size(1));
   }
   if (scale.has_value()) {
-    const at::Tensor& s = *scale;
-    TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": scale must be float32, got ", s.scalar_type());
-    TORCH_CHECK(s.numel() == 1 && s.dim() <= 1, op,
-                ": scale must have shape [1] (a static per-tensor scale), got shape ", s.sizes());
-    TORCH_CHECK(s.device() == x.device(), op, ": scale must be on ", x.device(), " (as x), got ", s.device());
+    const Tensor& s = *scale;
+    STD_TORCH_CHECK(s.scalar_type() == kFloat, op, ": scale must be float32, got ", s.scalar_type());
+    STD_TORCH_CHECK(s.numel() == 1 && s.dim() <= 1, op,
+                ": scale must have shape [1] (a static per-tensor scale), got shape ", shape_of(s));
+    STD_TORCH_CHECK(same_device(s, x), op, ": scale must be on ", device_of(x), " (as x), got ", device_of(s));
   }
   return QuantShape{x.size(0), silu_and_mul ? x.size(1) / 2 : x.size(1)};
 }
 
 int64_t check_group_size(const char* op, const QuantShape& s, int64_t group_size, bool silu_and_mul) {
-  TORCH_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
-  TORCH_CHECK(s.cols % group_size == 0, op, ": x's ",
+  STD_TORCH_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
+  STD_TORCH_CHECK(s.cols % group_size == 0, op, ": x's ",
               silu_and_mul ? "I (half its columns, the columns of q)" : "K (its columns)", " must be a multiple of ",
               "group_size=", group_size, ", got ", silu_and_mul ? "I=" : "K=", s.cols);
   return s.cols / group_size;
 }
 
-void check_silu_and_mul_mode(const std::optional<at::Tensor>& scale, bool per_token, int64_t group_size) {
+void check_silu_and_mul_mode(const std::optional<Tensor>& scale, bool per_token, int64_t group_size) {
   const char* op = "silu_and_mul_quant_fp8";
-  TORCH_CHECK(group_size >= 0, op, ": group_size must be >= 0 (0: no groups), got ", group_size);
+  STD_TORCH_CHECK(group_size >= 0, op, ": group_size must be >= 0 (0: no groups), got ", group_size);
   if (group_size == 0) return;
-  TORCH_CHECK(!scale.has_value(), op,
+  STD_TORCH_CHECK(!scale.has_value(), op,
               ": scale must be None with group_size > 0 (per-group scales are computed here), got a tensor");
-  TORCH_CHECK(!per_token, op, ": per_token must be False with group_size > 0 (one scale per group of ",
+  STD_TORCH_CHECK(!per_token, op, ": per_token must be False with group_size > 0 (one scale per group of ",
               group_size, " columns), got True");
 }
 

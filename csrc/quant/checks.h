@@ -2,7 +2,7 @@
 // reject the same inputs with the same messages.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/stable_glue.h"
 
 #include <optional>
 
@@ -15,7 +15,7 @@ struct QuantShape {
 
 // x [M, K] (or [M, 2I] with silu_and_mul) bfloat16, float16 or float32, contiguous; scale, when
 // given, a float32 tensor of one element ([1] or a scalar) on x's device.
-QuantShape check_quant_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale,
+QuantShape check_quant_args(const char* op, const Tensor& x, const std::optional<Tensor>& scale,
                             bool silu_and_mul);
 
 // Dynamic per-group scales: group_size positive and dividing the columns of q (K, or I with
@@ -24,6 +24,14 @@ int64_t check_group_size(const char* op, const QuantShape& s, int64_t group_size
 
 // silu_and_mul_quant_fp8's scale mode: group_size > 0 (dynamic per group) excludes a static scale
 // and per_token; group_size < 0 is an error.
-void check_silu_and_mul_mode(const std::optional<at::Tensor>& scale, bool per_token, int64_t group_size);
+// The per-group scales [rows, groups] float32 on like's device; column_major: strides (1, rows) (the
+// [groups, rows] buffer seen transposed, as DeepGEMM wants them).
+inline Tensor empty_group_scales(int64_t rows, int64_t groups, bool column_major, const Tensor& like) {
+  const int64_t sizes[2] = {rows, groups};
+  const int64_t strides[2] = {column_major ? 1 : groups, column_major ? rows : 1};
+  return empty_strided_on(2, sizes, strides, kFloat, like);
+}
+
+void check_silu_and_mul_mode(const std::optional<Tensor>& scale, bool per_token, int64_t group_size);
 
 }  // namespace moe_kernels

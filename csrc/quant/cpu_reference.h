@@ -2,21 +2,21 @@
 // be read as the specification that the CUDA kernels are tested against (byte for byte).
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/stable_glue.h"
 
 #include <optional>
 #include <tuple>
 
 namespace moe_kernels::cpu {
 
-std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+std::tuple<Tensor, Tensor> scaled_fp8_quant(const Tensor& x, const std::optional<Tensor>& scale,
                                                     bool per_token);
 
-std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x, int64_t group_size,
+std::tuple<Tensor, Tensor> per_token_group_quant_fp8(const Tensor& x, int64_t group_size,
                                                              bool column_major_scales);
 
-std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
-                                                          const std::optional<at::Tensor>& scale, bool per_token,
+std::tuple<Tensor, Tensor> silu_and_mul_quant_fp8(const Tensor& x,
+                                                          const std::optional<Tensor>& scale, bool per_token,
                                                           int64_t group_size);
 
 }  // namespace moe_kernels::cpu

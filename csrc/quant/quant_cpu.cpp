@@ -10,12 +10,12 @@
 namespace moe_kernels::cpu {
 namespace {
 
-c10::Float8_e4m3fn saturate_to_e4m3(float v) {
+Float8_e4m3fn saturate_to_e4m3(float v) {
   if (!std::isnan(v)) v = std::fmin(std::fmax(v, -fp8::kE4M3Max), fp8::kE4M3Max);
-  return c10::Float8_e4m3fn(v);  // round to nearest even
+  return Float8_e4m3fn(v);  // round to nearest even
 }
 
-c10::Float8_e4m3fn to_e4m3(float y, float inv_scale) { return saturate_to_e4m3(fp8::mul_rn(y, inv_scale)); }
+Float8_e4m3fn to_e4m3(float y, float inv_scale) { return saturate_to_e4m3(fp8::mul_rn(y, inv_scale)); }
 
 float amax_of(const float* y, int64_t n) {
   float amax = 0.0f;
@@ -23,18 +23,25 @@ float amax_of(const float* y, int64_t n) {
   return amax;
 }
 
-// y [M, C] fp32 -> (q [M, C] e4m3, scale [1] or [M, 1]).
-std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                                            bool per_token) {
-  const int64_t M = y.size(0);
-  const int64_t C = y.size(1);
-  const float* y_p = y.data_ptr<float>();
-  auto q = at::empty({M, C}, y.options().dtype(at::kFloat8_e4m3fn));
-  auto* q_p = q.data_ptr<c10::Float8_e4m3fn>();
+// x [M, C] (float32/float16/bfloat16, contiguous) as float32 values (exact).
+std::vector<float> to_float(const Tensor& x) {
+  const int64_t n = x.numel();
+  std::vector<float> y(n);
+  const void* p = x.const_data_ptr();
+  const ScalarType t = x.scalar_type();
+  for (int64_t i = 0; i < n; ++i) y[i] = read_as_float(p, t, i);
+  return y;
+}
+
+// y [M, C] fp32 -> (q [M, C] e4m3, scale [1] or [M, 1]); `like` gives the device (CPU).
+std::tuple<Tensor, Tensor> quantize(const float* y_p, int64_t M, int64_t C, const std::optional<Tensor>& scale,
+                                    bool per_token, const Tensor& like) {
+  Tensor q = empty_on({M, C}, kFloat8, like);
+  auto* q_p = ptr<Float8_e4m3fn>(q);
 
   if (per_token && !scale.has_value()) {
-    auto scales = at::empty({M, 1}, y.options());
-    float* s_p = scales.data_ptr<float>();
+    Tensor scales = empty_on({M, int64_t{1}}, kFloat, like);
+    float* s_p = ptr<float>(scales);
     for (int64_t r = 0; r < M; ++r) {
       s_p[r] = fp8::scale_from_amax(amax_of(y_p + r * C, C));
       const float inv = fp8::inverse_scale(s_p[r]);
@@ -44,10 +51,10 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& y, const std::opti
   }
 
   // Per tensor: the given scale (static; per_token only selects the granularity of a dynamic
-  // scale), or one computed from the whole tensor.
-  auto scales = scale.has_value() ? scale->reshape({1}).clone() : at::empty({1}, y.options());
-  float* s_p = scales.data_ptr<float>();
-  if (!scale.has_value()) s_p[0] = fp8::scale_from_amax(amax_of(y_p, M * C));
+  // scale; returned as a [1] copy), or one computed from the whole tensor.
+  Tensor scales = empty_on({int64_t{1}}, kFloat, like);
+  float* s_p = ptr<float>(scales);
+  s_p[0] = scale.has_value() ? *cptr<float>(*scale) : fp8::scale_from_amax(amax_of(y_p, M * C));
   const float inv = fp8::inverse_scale(s_p[0]);
   for (int64_t i = 0; i < M * C; ++i) q_p[i] = to_e4m3(y_p[i], inv);
   return {q, scales};
@@ -56,22 +63,21 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& y, const std::opti
 // y [M, C] fp32 -> (q [M, C] e4m3, scales [M, C / g]): each group of g columns of a row gets
 // scale max(amax, 1e-10) / 448 (infinities left out of amax) and q = e4m3(saturate(y / scale)).
 // column_major: the scales tensor has strides (1, M).
-std::tuple<at::Tensor, at::Tensor> quantize_per_group(const at::Tensor& y, int64_t g, bool column_major) {
-  const int64_t M = y.size(0);
-  const int64_t C = y.size(1);
+std::tuple<Tensor, Tensor> quantize_per_group(const float* y_p, int64_t M, int64_t C, int64_t g, bool column_major,
+                                              const Tensor& like) {
   const int64_t G = C / g;
-  const float* y_p = y.data_ptr<float>();
-  auto q = at::empty({M, C}, y.options().dtype(at::kFloat8_e4m3fn));
-  auto* q_p = q.data_ptr<c10::Float8_e4m3fn>();
-  auto scales = column_major ? at::empty({G, M}, y.options()).t() : at::empty({M, G}, y.options());
-  float* s_p = scales.data_ptr<float>();
+  Tensor q = empty_on({M, C}, kFloat8, like);
+  auto* q_p = ptr<Float8_e4m3fn>(q);
+  Tensor scales = empty_group_scales(M, G, column_major, like);
+  float* s_p = ptr<float>(scales);
+  const int64_t s0 = column_major ? 1 : G, s1 = column_major ? M : 1;
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t j = 0; j < G; ++j) {
       const float* group = y_p + r * C + j * g;
       float amax = 0.0f;
       for (int64_t c = 0; c < g; ++c) amax = fp8::max_ignoring_nan(amax, fp8::amax_term(group[c]));
       const float scale = fp8::group_scale_from_amax(amax);
-      s_p[r * scales.stride(0) + j * scales.stride(1)] = scale;
+      s_p[r * s0 + j * s1] = scale;
       for (int64_t c = 0; c < g; ++c) q_p[r * C + j * g + c] = saturate_to_e4m3(fp8::div_rn(group[c], scale));
     }
   }
@@ -80,37 +86,37 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_group(const at::Tensor& y, int64
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> scaled_fp8_quant(const at::Tensor& x, const std::optional<at::Tensor>& scale,
-                                                    bool per_token) {
-  check_quant_args("scaled_fp8_quant", x, scale, /*silu_and_mul=*/false);
-  return quantize(x.to(at::kFloat).contiguous(), scale, per_token);
+std::tuple<Tensor, Tensor> scaled_fp8_quant(const Tensor& x, const std::optional<Tensor>& scale, bool per_token) {
+  const QuantShape s = check_quant_args("scaled_fp8_quant", x, scale, /*silu_and_mul=*/false);
+  const std::vector<float> y = to_float(x);
+  return quantize(y.data(), s.rows, s.cols, scale, per_token, x);
 }
 
-std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Tensor& x, int64_t group_size,
-                                                             bool column_major_scales) {
+std::tuple<Tensor, Tensor> per_token_group_quant_fp8(const Tensor& x, int64_t group_size, bool column_major_scales) {
   const char* op = "per_token_group_quant_fp8";
   const QuantShape s = check_quant_args(op, x, std::nullopt, /*silu_and_mul=*/false);
   check_group_size(op, s, group_size, /*silu_and_mul=*/false);
-  return quantize_per_group(x.to(at::kFloat).contiguous(), group_size, column_major_scales);
+  const std::vector<float> y = to_float(x);
+  return quantize_per_group(y.data(), s.rows, s.cols, group_size, column_major_scales, x);
 }
 
-std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
-                                                          const std::optional<at::Tensor>& scale, bool per_token,
-                                                          int64_t group_size) {
+std::tuple<Tensor, Tensor> silu_and_mul_quant_fp8(const Tensor& x, const std::optional<Tensor>& scale, bool per_token,
+                                                  int64_t group_size) {
   const char* op = "silu_and_mul_quant_fp8";
   const QuantShape s = check_quant_args(op, x, scale, /*silu_and_mul=*/true);
   check_silu_and_mul_mode(scale, per_token, group_size);
   if (group_size > 0) check_group_size(op, s, group_size, /*silu_and_mul=*/true);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* x_p = xf.data_ptr<float>();
-  auto y = at::empty({s.rows, s.cols}, xf.options());
-  float* y_p = y.data_ptr<float>();
+  const std::vector<float> xf = to_float(x);
+  const float* x_p = xf.data();
+  std::vector<float> y(s.rows * s.cols);
+  float* y_p = y.data();
   for (int64_t r = 0; r < s.rows; ++r) {
     const float* gate = x_p + r * 2 * s.cols;
     const float* up = gate + s.cols;
     for (int64_t c = 0; c < s.cols; ++c) y_p[r * s.cols + c] = fp8::silu_and_mul(gate[c], up[c]);
   }
-  return group_size > 0 ? quantize_per_group(y, group_size, false) : quantize(y, scale, per_token);
+  return group_size > 0 ? quantize_per_group(y_p, s.rows, s.cols, group_size, false, x)
+                        : quantize(y_p, s.rows, s.cols, scale, per_token, x);
 }
 
 }  // namespace moe_kernels::cpu
