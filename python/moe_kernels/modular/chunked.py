@@ -16,9 +16,9 @@ quantization, one record per destination, the partials added in rank order), tes
 On the GPU the CUTLASS grouped GEMM computes a row the same way within one tile configuration,
 which it picks by rows per expert; the automatic chunk count keeps every chunk above 64 rows per
 expert, in the same class as the whole layer (an explicit num_chunks may not; the two-GPU bench
-reports ``bit_equal``). The CPU references of the experts run at::matmul per expert, whose fp32
-blocking depends on the row count: there a chunk may differ in the last bit (one bf16 ulp).
-No host sync in capacity mode: CUDA-graph capturable (not yet verified on GPUs).
+reports ``bit_equal``). The CUTLASS experts' CPU reference computes rows alone (bit-exact,
+tested); TorchExperts runs torch.matmul per expert, whose fp32 blocking depends on the row count,
+so there a chunk may differ in the last bits. No host sync in capacity mode: CUDA-graph capturable (not yet verified on GPUs).
 """
 
 from typing import List, Optional
