@@ -104,7 +104,8 @@ if __name__ == "__main__":
     with mp.Manager() as m:
         out = m.list()
         mp.spawn(main, args=(2, port, out), nprocs=2)
-        print("| PrepareFinalize | dispatch | mode | ops issued (launches + collectives) | collectives | host reads on CUDA (.tolist/.item) |")
+        print("| PrepareFinalize | dispatch | mode | ops issued (launches + collectives) | collectives "
+              "| host reads on CUDA (.tolist/.item) |")
         print("|---|---|---|---|---|---|")
         for name, d, mode, n, comm, syncs, ops in out:
             print(f"| {name} | {d} | {mode} | {n} | {comm} | {syncs} |")

@@ -18,7 +18,8 @@ which it picks by rows per expert; the automatic chunk count keeps every chunk a
 expert, in the same class as the whole layer (an explicit num_chunks may not; the two-GPU bench
 reports ``bit_equal``). The CUTLASS experts' CPU reference computes rows alone (bit-exact,
 tested); TorchExperts runs torch.matmul per expert, whose fp32 blocking depends on the row count,
-so there a chunk may differ in the last bits. No host sync in capacity mode: CUDA-graph capturable (not yet verified on GPUs).
+so there a chunk may differ in the last bits. No host sync in capacity mode: CUDA-graph
+capturable (not yet verified on GPUs).
 """
 
 from typing import List, Optional
