@@ -11,6 +11,7 @@ Built from a checkpoint's tensors: see :mod:`moe_kernels.modular.checkpoint`.
 """
 
 from . import checkpoint
+from .chunked import ChunkedAllToAll, auto_num_chunks
 from .experts import (CutlassFp8Experts, CutlassMxfp4Experts, CutlassW4A8Experts, Experts, TorchExperts,
                       gated_activation)
 from .layer import MoELayer
@@ -20,6 +21,7 @@ from .router import FusedGateRouter, Router
 __all__ = [
     "AllToAll",
     "CapacityOverflowError",
+    "ChunkedAllToAll",
     "CutlassFp8Experts",
     "CutlassMxfp4Experts",
     "CutlassW4A8Experts",
@@ -31,6 +33,7 @@ __all__ = [
     "Router",
     "SingleGpu",
     "TorchExperts",
+    "auto_num_chunks",
     "checkpoint",
     "gated_activation",
 ]

@@ -48,6 +48,9 @@ class MoELayer(nn.Module):
 
     def forward_routed(self, hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
         """The layer after the router: hidden_states [T, H] with their top-k weights and ids."""
+        pipelined = getattr(self.prepare_finalize, "forward_pipelined", None)
+        if pipelined is not None:  # ChunkedAllToAll: the exchange overlapped with the experts (chunked.py)
+            return pipelined(self.experts, hidden_states, topk_weights, topk_ids, shared_experts=self.shared_experts)
         d = self.prepare_finalize.prepare(hidden_states, topk_weights, topk_ids)
         # x_scale only when the rows arrive quantized: Experts written before it existed keep working.
         extra = {} if d.x_scale is None else {"x_scale": d.x_scale}
