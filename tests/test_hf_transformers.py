@@ -21,6 +21,7 @@ moe_integration = pytest.importorskip("transformers.integrations.moe")
 from fp8_helpers import rel_error  # noqa: E402
 from test_cutlass_moe import fake_quant  # noqa: E402
 
+import moe_kernels as moe_kernels_pkg  # noqa: E402
 from moe_kernels.integrations import hf_experts_fp8  # noqa: E402
 from moe_kernels.integrations.transformers import (  # noqa: E402
     EXPERTS_IMPLEMENTATIONS,
@@ -495,6 +496,116 @@ def test_cuda_gpt_oss_logits():
     want = logits(model, "eager", ids)
     assert rel_error(logits(model, "moe_kernels", ids), want) < BF16_TOL
     assert rel_error(logits(model, "moe_kernels_fp8", ids), want) < FP8_VS_EAGER_TOL
+
+
+# ----------------------------------------------------------------- gpt-oss MXFP4 checkpoints
+
+MXFP4_GPT_OSS = dict(GPT_OSS, intermediate_size=96)  # H = 64, I = 96: multiples of 32, not of 128
+
+
+def write_mxfp4_gpt_oss(directory):
+    """A tiny gpt-oss MXFP4 checkpoint as OpenAI's are stored: the experts' weights as
+    ``*_blocks`` [E, N, K/32, 16] uint8 (random E2M1 codes) and ``*_scales`` [E, N, K/32] uint8
+    (E8M0 around 2^-4: GEMM1 outputs of std ~4, beyond swigluoai's clamps), unit random biases,
+    config.json with quantization_config mxfp4. Returns the tensors written."""
+    from safetensors.torch import save_file
+
+    config = transformers.GptOssConfig(**MXFP4_GPT_OSS)
+    model = randomize(transformers.AutoModelForCausalLM.from_config(config))
+    with torch.no_grad():
+        model.model.layers[0].mlp.router.bias.normal_(0, 0.5)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+    for name in list(tensors):
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            N, K = (2 * I, H) if name.endswith("gate_up_proj") else (H, I)
+            del tensors[name]
+            tensors[name + "_blocks"] = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8)
+            tensors[name + "_scales"] = torch.randint(122, 125, (E, N, K // 32), dtype=torch.uint8)
+        elif "experts" in name and name.endswith("_bias"):
+            tensors[name] = torch.randn_like(tensors[name])
+    save_file(tensors, str(directory / "model.safetensors"))
+    config.quantization_config = {"quant_method": "mxfp4"}
+    config.save_pretrained(directory)
+    return tensors
+
+
+def load_mxfp4_gpt_oss(directory):
+    # Without a GPU (and its Triton kernels) transformers dequantizes MXFP4 at load; saying so
+    # explicitly also works where accelerate or the `kernels` package are missing.
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+
+
+needs_mxfp4 = pytest.mark.skipif(not hasattr(moe_kernels_pkg, "cutlass_moe_mxfp4"),
+                                 reason="this build of moe_kernels has no cutlass_moe_mxfp4")
+
+
+@needs_mxfp4
+def test_mxfp4_gpt_oss_checkpoint_runs_through_cutlass_moe_mxfp4(tmp_path):
+    from moe_kernels.integrations.transformers import use_mxfp4_experts
+    from moe_kernels.modular.checkpoint import dequantize_mxfp4
+
+    tensors = write_mxfp4_gpt_oss(tmp_path)
+    model = load_mxfp4_gpt_oss(tmp_path)
+    experts = model.model.layers[0].mlp.experts
+    prefix = "model.layers.0.mlp.experts."
+    E, N = tensors[prefix + "gate_up_proj_scales"].shape[:2]
+    # transformers' dequantization is the same function of the same bytes (exact in fp32).
+    w1 = dequantize_mxfp4(tensors[prefix + "gate_up_proj_blocks"].reshape(E, N, -1),
+                          tensors[prefix + "gate_up_proj_scales"])
+    assert torch.equal(experts.gate_up_proj.float(), w1.transpose(1, 2))
+    ids = tokens()
+    want = logits(model, "eager", ids)  # eager on the dequantized weights: the same weights exactly
+    assert use_mxfp4_experts(model, tmp_path) == ["model.layers.0.mlp.experts"]
+    assert model.config._experts_implementation == "moe_kernels_mxfp4"
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    # W4A16: the same weights, bf16 activations and bf16 GEMM outputs (eager stays fp32 here):
+    # a few bf16 roundings, 0.3% measured; BF16_TOL as for the bf16 path.
+    assert rel_error(got, want) < BF16_TOL
+    # The experts alone, with the same routing, against eager on the dequantized weights.
+    x = torch.randn(21, 64)
+    ids_, w = _routing(21, 4, 8)
+    assert rel_error(_run(experts, "moe_kernels_mxfp4", x, ids_, w), _run(experts, "eager", x, ids_, w)) < BF16_TOL
+
+
+@needs_mxfp4
+def test_mxfp4_w4a8_and_errors(tmp_path):
+    from moe_kernels.integrations.transformers import use_mxfp4_experts
+
+    write_mxfp4_gpt_oss(tmp_path)
+    model = load_mxfp4_gpt_oss(tmp_path)
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(21, 64)
+    ids, w = _routing(21, 4, 8)
+    with pytest.raises(ValueError, match='"moe_kernels_mxfp4": GptOssExperts has no MXFP4 weights; call '
+                                         r".*use_mxfp4_experts\(model, checkpoint\)"):
+        _run(experts, "moe_kernels_mxfp4", x, ids, w)
+    use_mxfp4_experts(model, tmp_path / "model.safetensors", a_dtype=torch.float8_e4m3fn)
+    # e4m3 activations before both GEMMs: the FP8 tolerance against unquantized eager.
+    assert rel_error(_run(experts, "moe_kernels_mxfp4", x, ids, w), _run(experts, "eager", x, ids, w)) < FP8_VS_EAGER_TOL
+    with pytest.raises(ValueError, match="use_mxfp4_experts: the checkpoint holds no .*gate_up_proj_blocks"):
+        use_mxfp4_experts(model, {})
+    # Same module names, other experts (Mixtral: 4 experts, H = 64, I = 32): named, not loaded.
+    with pytest.raises(ValueError, match=r"use_mxfp4_experts: model.layers.0.mlp.experts \(MixtralExperts\) has "
+                                         r"E=4, 2I=64, H=64.*the checkpoint's are \[8, 192, 32\]"):
+        use_mxfp4_experts(make_model("mixtral"), tmp_path)
+
+
+@pytest.mark.cuda
+@needs_mxfp4
+def test_cuda_mxfp4_gpt_oss_checkpoint(tmp_path):
+    from moe_kernels.integrations.transformers import use_mxfp4_experts
+
+    write_mxfp4_gpt_oss(tmp_path)
+    model = load_mxfp4_gpt_oss(tmp_path).cuda()
+    ids = tokens(device="cuda")
+    want = logits(model, "eager", ids)
+    use_mxfp4_experts(model, tmp_path)
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    assert rel_error(got, want) < BF16_TOL
 
 
 # ----------------------------------------------------------------------- FP8 checkpoints (block)
