@@ -16,7 +16,7 @@ from moe_kernels.bench import models, plot, report
 from moe_kernels.bench.harness import Context, Times
 from moe_kernels.bench.progress import Progress
 
-MIXTRAL, DEEPSEEK = models.MODELS[0], models.MODELS[-1]
+MIXTRAL, DEEPSEEK = models.select("mixtral")[0], models.select("deepseek-v3")[0]
 
 
 def run_cli(args, cwd, env_extra):

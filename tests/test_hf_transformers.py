@@ -1,7 +1,8 @@
 """The HF transformers integration (moe_kernels.integrations.transformers): tiny random Qwen3-MoE,
-Mixtral and DeepSeek-V3 models give eager's logits with "moe_kernels" and close ones with
-"moe_kernels_fp8"; every experts layout HF declares; errors naming what is unsupported; the
-opt-in fused router; the FP8-checkpoint path; the example script."""
+Mixtral, DeepSeek-V3 and gpt-oss models give eager's logits with "moe_kernels" and close ones with
+"moe_kernels_fp8" (gpt-oss: interleaved swigluoai experts with fp32 biases); every experts layout
+HF declares; errors naming what is unsupported; the opt-in fused router; the FP8-checkpoint path;
+the example script."""
 
 import inspect
 import math
@@ -20,6 +21,7 @@ moe_integration = pytest.importorskip("transformers.integrations.moe")
 from fp8_helpers import rel_error  # noqa: E402
 from test_cutlass_moe import fake_quant  # noqa: E402
 
+import moe_kernels as moe_kernels_pkg  # noqa: E402
 from moe_kernels.integrations import hf_experts_fp8  # noqa: E402
 from moe_kernels.integrations.transformers import (  # noqa: E402
     EXPERTS_IMPLEMENTATIONS,
@@ -291,8 +293,6 @@ def test_gpt_oss_experts_match_eager():
     x = torch.randn(11, 32)
     ids, w = _routing(11, 2, 4)
     assert rel_error(_run(experts, "moe_kernels", x, ids, w), _run(experts, "eager", x, ids, w)) < 1e-5
-    with pytest.raises(ValueError, match="_apply_gate"):
-        _run(experts, "moe_kernels_fp8", x, ids, w)
 
 
 def test_expert_parallel_sentinels_are_dropped():
@@ -317,20 +317,32 @@ def _quantize_per_channel(w):
     return (w / scale[:, :, None]).to(torch.float8_e4m3fn).double() * scale[:, :, None].double()
 
 
-def _same_quant_reference(module, x, ids, w):
+def _same_quant_reference(module, x, ids, w, spec=None):
     """float64 experts with the weights rounded to e4m3 per output channel and the activations
-    per token, where the FP8 layer quantizes them (GEMM1's output rounded to bf16 as the layer
-    writes it)."""
-    w1, w2 = _quantize_per_channel(module.gate_up_proj.detach()), _quantize_per_channel(module.down_proj.detach())
-    I = w2.shape[2]
+    per token, where the FP8 layer quantizes them (GEMM1's and GEMM2's outputs rounded to bf16 as
+    the layer writes them, the biases added after that in fp32); the gate is `spec`'s formula
+    (silu on halves by default), in fp32 on the bias-added values."""
+    spec = spec or hf_experts_fp8.GateSpec()
+    w_up, w_down = module.gate_up_proj.detach(), module.down_proj.detach()
+    if getattr(module, "is_transposed", False):
+        w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)
+    w1, w2 = _quantize_per_channel(w_up), _quantize_per_channel(w_down)
+    has_bias = getattr(module, "has_bias", False)
+    b1 = module.gate_up_proj_bias.detach().float() if has_bias else None
+    b2 = module.down_proj_bias.detach().float() if has_bias else None
     xq = fake_quant(x.to(torch.bfloat16), per_token=True)
     out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
-            h = (xq[t:t + 1] @ w1[e].T).to(torch.bfloat16).double()
-            y = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
-            out[t] += w[t, k].double() * (fake_quant(y, per_token=True) @ w2[e].T)[0]
+            h = (xq[t:t + 1] @ w1[e].T).to(torch.bfloat16).float()
+            if b1 is not None:
+                h = h + b1[e]
+            y = spec.formula(h.double())
+            o = (fake_quant(y, per_token=True) @ w2[e].T).to(torch.bfloat16).float()
+            if b2 is not None:
+                o = o + b2[e]
+            out[t] += w[t, k].double() * o[0].double()
     return out
 
 
@@ -368,11 +380,29 @@ def test_fp8_transposed_weights():
     assert rel_error(_run(module, "moe_kernels_fp8", x, ids, w), want) < FP8_VS_EAGER_TOL
 
 
+@pytest.mark.parametrize("declared,spec", [
+    ({"hidden_act": "gelu"}, ("gelu", False)),
+    ({"is_concatenated": False}, ("silu", True)),  # the toy's own gate on interleaved values
+    ({"is_concatenated": False, "hidden_act": "gelu"}, ("gelu", True)),
+    ({"has_bias": True}, ("silu", False)),
+    ({"has_bias": True, "is_transposed": True, "hidden_act": "gelu"}, ("gelu", False)),
+])
+def test_fp8_gates_layouts_and_biases_match_quantized_reference(declared, spec):
+    module = _toy_experts(E=4, H=64, I=32, **declared)
+    x = torch.randn(17, 64)
+    ids, w = _routing(17, 2, 4)
+    got = _run(module, "moe_kernels_fp8", x, ids, w)
+    want_spec = hf_experts_fp8.GateSpec(*spec)
+    assert hf_experts_fp8.gate_spec(module, hf_experts_fp8.ExpertsLayout.of(module), "x") == want_spec
+    assert rel_error(got, _same_quant_reference(module, x, ids, w, want_spec)) < FP8_SAME_QUANT_TOL
+    assert rel_error(got, _run(module, "eager", x, ids, w)) < FP8_VS_EAGER_TOL
+
+
 @pytest.mark.parametrize("declared,match", [
-    ({"hidden_act": "gelu"}, "GELUActivation.*'gelu'"),
+    ({"hidden_act": "relu"}, "ReLU.*'relu'.*only silu\\(gate\\) \\* up, gelu\\(gate\\) \\* up"),
+    ({"hidden_act": "gelu_pytorch_tanh"}, "GELUTanh.*'gelu_pytorch_tanh'"),
+    ({"is_concatenated": False, "hidden_act": "relu"}, "own gate function ToyExperts._apply_gate.*checked on a probe"),
     ({"has_gate": False}, "has_gate=False"),
-    ({"is_concatenated": False}, "_apply_gate"),
-    ({"has_bias": True}, "has_bias=True"),
     ({"has_post_expert_norm": True}, "has_post_expert_norm=True"),
 ])
 def test_fp8_rejects_what_it_cannot_compute(declared, match):
@@ -384,12 +414,198 @@ def test_fp8_rejects_what_it_cannot_compute(declared, match):
 
 
 def test_fp8_unsupported_activation_in_a_model_is_named():
-    model = make_model("mixtral", hidden_act="gelu")
+    model = make_model("mixtral", hidden_act="relu")
     ids = tokens()
-    with pytest.raises(ValueError, match='"moe_kernels_fp8": MixtralExperts uses the activation GELUActivation'):
+    with pytest.raises(ValueError, match='"moe_kernels_fp8": MixtralExperts uses the activation ReLU'):
         logits(model, "moe_kernels_fp8", ids)
     # The bf16 implementation runs the module's own activation.
     assert rel_error(logits(model, "moe_kernels", ids), logits(model, "eager", ids)) < 1e-4
+
+
+# ------------------------------------------------------------------------------------- gpt-oss
+
+# Tiny gpt-oss: H = 64 and I = 48 (multiples of 16, not of 128, as gpt-oss's 2880), top-4 of 8
+# experts, one decoder layer (its MoE last, so that FP8 noise cannot flip a later router's choice).
+GPT_OSS = dict(vocab_size=128, hidden_size=64, intermediate_size=48, num_local_experts=8, num_experts_per_tok=4,
+               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def make_gpt_oss(device="cpu", dtype=torch.float32):
+    """Experts with GEMM1 outputs of std ~4 (many beyond the +-7 clamps, so that they bite), unit
+    biases (as large as the GEMM outputs: a missing bias cannot hide) and a router with a bias."""
+    model = transformers.AutoModelForCausalLM.from_config(transformers.GptOssConfig(**GPT_OSS)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "GptOssExperts":
+                m.gate_up_proj.normal_(0, 4 / math.sqrt(m.gate_up_proj.shape[1]))  # [E, H, 2I]: fan-in H
+                m.down_proj.normal_(0, 1 / math.sqrt(m.down_proj.shape[1]))
+                m.gate_up_proj_bias.normal_(0, 1)
+                m.down_proj_bias.normal_(0, 1)
+            if type(m).__name__ == "GptOssTopKRouter":
+                m.weight.normal_(0, 1 / math.sqrt(m.weight.shape[-1]))
+                m.bias.normal_(0, 0.5)
+    return model.to(device=device, dtype=dtype)
+
+
+def test_gpt_oss_gate_is_recognized_as_interleaved_swigluoai():
+    experts = make_gpt_oss().model.layers[0].mlp.experts
+    spec = hf_experts_fp8.gate_spec(experts, hf_experts_fp8.ExpertsLayout.of(experts), "moe_kernels_fp8")
+    assert spec == hf_experts_fp8.GateSpec("swigluoai", True, 1.702, 7.0)
+
+
+def test_gpt_oss_fp8_experts_match_quantized_reference():
+    experts = make_gpt_oss().model.layers[0].mlp.experts
+    x = torch.randn(19, 64)
+    ids, w = _routing(19, 4, 8)
+    got = _run(experts, "moe_kernels_fp8", x, ids, w)
+    spec = hf_experts_fp8.GateSpec("swigluoai", True, 1.702, 7.0)
+    want = _same_quant_reference(experts, x, ids, w, spec)
+    assert rel_error(got, want) < FP8_SAME_QUANT_TOL
+    # The clamps bite on this data: without them the reference moves far beyond the tolerance.
+    unclamped = _same_quant_reference(experts, x, ids, w, spec._replace(swiglu_limit=1e9))
+    assert rel_error(got, unclamped) > 3 * FP8_SAME_QUANT_TOL
+
+
+def test_gpt_oss_logits():
+    # bf16 path: eager's arithmetic (the module's own gate, biases per row's expert); FP8 path:
+    # within the FP8 layer's error against unquantized eager (FP8_VS_EAGER_TOL's derivation; 5.7%
+    # measured here, a missing bias or clamp gives far more).
+    model = make_gpt_oss()
+    ids = tokens()
+    want = logits(model, "eager", ids)
+    assert rel_error(logits(model, "moe_kernels", ids), want) < 1e-4
+    got = logits(model, "moe_kernels_fp8", ids)
+    assert got.isfinite().all()
+    assert rel_error(got, want) < FP8_VS_EAGER_TOL
+
+
+@pytest.mark.cuda
+def test_cuda_gpt_oss_fp8_experts_match_quantized_reference():
+    experts = make_gpt_oss("cuda").model.layers[0].mlp.experts
+    x = torch.randn(40, 64)
+    ids, w = _routing(40, 4, 8)
+    got = _run(experts, "moe_kernels_fp8", x.cuda(), ids.cuda(), w.cuda())
+    spec = hf_experts_fp8.GateSpec("swigluoai", True, 1.702, 7.0)
+    assert rel_error(got.cpu(), _same_quant_reference(experts.cpu(), x, ids, w, spec)) < FP8_SAME_QUANT_TOL
+
+
+@pytest.mark.cuda
+def test_cuda_gpt_oss_logits():
+    model = make_gpt_oss("cuda", torch.bfloat16)
+    ids = tokens(device="cuda")
+    want = logits(model, "eager", ids)
+    assert rel_error(logits(model, "moe_kernels", ids), want) < BF16_TOL
+    assert rel_error(logits(model, "moe_kernels_fp8", ids), want) < FP8_VS_EAGER_TOL
+
+
+# ----------------------------------------------------------------- gpt-oss MXFP4 checkpoints
+
+MXFP4_GPT_OSS = dict(GPT_OSS, intermediate_size=96)  # H = 64, I = 96: multiples of 32, not of 128
+
+
+def write_mxfp4_gpt_oss(directory):
+    """A tiny gpt-oss MXFP4 checkpoint as OpenAI's are stored: the experts' weights as
+    ``*_blocks`` [E, N, K/32, 16] uint8 (random E2M1 codes) and ``*_scales`` [E, N, K/32] uint8
+    (E8M0 around 2^-4: GEMM1 outputs of std ~4, beyond swigluoai's clamps), unit random biases,
+    config.json with quantization_config mxfp4. Returns the tensors written."""
+    from safetensors.torch import save_file
+
+    config = transformers.GptOssConfig(**MXFP4_GPT_OSS)
+    model = randomize(transformers.AutoModelForCausalLM.from_config(config))
+    with torch.no_grad():
+        model.model.layers[0].mlp.router.bias.normal_(0, 0.5)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+    for name in list(tensors):
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            N, K = (2 * I, H) if name.endswith("gate_up_proj") else (H, I)
+            del tensors[name]
+            tensors[name + "_blocks"] = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8)
+            tensors[name + "_scales"] = torch.randint(122, 125, (E, N, K // 32), dtype=torch.uint8)
+        elif "experts" in name and name.endswith("_bias"):
+            tensors[name] = torch.randn_like(tensors[name])
+    save_file(tensors, str(directory / "model.safetensors"))
+    config.quantization_config = {"quant_method": "mxfp4"}
+    config.save_pretrained(directory)
+    return tensors
+
+
+def load_mxfp4_gpt_oss(directory):
+    # Without a GPU (and its Triton kernels) transformers dequantizes MXFP4 at load; saying so
+    # explicitly also works where accelerate or the `kernels` package are missing.
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+
+
+needs_mxfp4 = pytest.mark.skipif(not hasattr(moe_kernels_pkg, "cutlass_moe_mxfp4"),
+                                 reason="this build of moe_kernels has no cutlass_moe_mxfp4")
+
+
+@needs_mxfp4
+def test_mxfp4_gpt_oss_checkpoint_runs_through_cutlass_moe_mxfp4(tmp_path):
+    from moe_kernels.integrations.transformers import use_mxfp4_experts
+    from moe_kernels.modular.checkpoint import dequantize_mxfp4
+
+    tensors = write_mxfp4_gpt_oss(tmp_path)
+    model = load_mxfp4_gpt_oss(tmp_path)
+    experts = model.model.layers[0].mlp.experts
+    prefix = "model.layers.0.mlp.experts."
+    E, N = tensors[prefix + "gate_up_proj_scales"].shape[:2]
+    # transformers' dequantization is the same function of the same bytes (exact in fp32).
+    w1 = dequantize_mxfp4(tensors[prefix + "gate_up_proj_blocks"].reshape(E, N, -1),
+                          tensors[prefix + "gate_up_proj_scales"])
+    assert torch.equal(experts.gate_up_proj.float(), w1.transpose(1, 2))
+    ids = tokens()
+    want = logits(model, "eager", ids)  # eager on the dequantized weights: the same weights exactly
+    assert use_mxfp4_experts(model, tmp_path) == ["model.layers.0.mlp.experts"]
+    assert model.config._experts_implementation == "moe_kernels_mxfp4"
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    # W4A16: the same weights, bf16 activations and bf16 GEMM outputs (eager stays fp32 here):
+    # a few bf16 roundings, 0.3% measured; BF16_TOL as for the bf16 path.
+    assert rel_error(got, want) < BF16_TOL
+    # The experts alone, with the same routing, against eager on the dequantized weights.
+    x = torch.randn(21, 64)
+    ids_, w = _routing(21, 4, 8)
+    assert rel_error(_run(experts, "moe_kernels_mxfp4", x, ids_, w), _run(experts, "eager", x, ids_, w)) < BF16_TOL
+
+
+@needs_mxfp4
+def test_mxfp4_w4a8_and_errors(tmp_path):
+    from moe_kernels.integrations.transformers import use_mxfp4_experts
+
+    write_mxfp4_gpt_oss(tmp_path)
+    model = load_mxfp4_gpt_oss(tmp_path)
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(21, 64)
+    ids, w = _routing(21, 4, 8)
+    with pytest.raises(ValueError, match='"moe_kernels_mxfp4": GptOssExperts has no MXFP4 weights; call '
+                                         r".*use_mxfp4_experts\(model, checkpoint\)"):
+        _run(experts, "moe_kernels_mxfp4", x, ids, w)
+    use_mxfp4_experts(model, tmp_path / "model.safetensors", a_dtype=torch.float8_e4m3fn)
+    # e4m3 activations before both GEMMs: the FP8 tolerance against unquantized eager.
+    assert rel_error(_run(experts, "moe_kernels_mxfp4", x, ids, w), _run(experts, "eager", x, ids, w)) < FP8_VS_EAGER_TOL
+    with pytest.raises(ValueError, match="use_mxfp4_experts: the checkpoint holds no .*gate_up_proj_blocks"):
+        use_mxfp4_experts(model, {})
+    # Same module names, other experts (Mixtral: 4 experts, H = 64, I = 32): named, not loaded.
+    with pytest.raises(ValueError, match=r"use_mxfp4_experts: model.layers.0.mlp.experts \(MixtralExperts\) has "
+                                         r"E=4, 2I=64, H=64.*the checkpoint's are \[8, 192, 32\]"):
+        use_mxfp4_experts(make_model("mixtral"), tmp_path)
+
+
+@pytest.mark.cuda
+@needs_mxfp4
+def test_cuda_mxfp4_gpt_oss_checkpoint(tmp_path):
+    from moe_kernels.integrations.transformers import use_mxfp4_experts
+
+    write_mxfp4_gpt_oss(tmp_path)
+    model = load_mxfp4_gpt_oss(tmp_path).cuda()
+    ids = tokens(device="cuda")
+    want = logits(model, "eager", ids)
+    use_mxfp4_experts(model, tmp_path)
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    assert rel_error(got, want) < BF16_TOL
 
 
 # ----------------------------------------------------------------------- FP8 checkpoints (block)

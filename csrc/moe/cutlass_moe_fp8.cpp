@@ -1,6 +1,7 @@
 // cutlass_moe_fp8: the FP8 expert computation of an MoE layer composed from the library's ops
-// (quantize -> permute rows with their scales -> grouped GEMM1 -> silu*mul + quantize -> grouped
-// GEMM2 -> weighted unpermute), with per-tensor / per-token activation scales and per-expert /
+// (quantize -> permute rows with their scales -> grouped GEMM1 -> (+ w1_bias) gated activation
+// (silu, gelu or swigluoai; gate/up halves or interleaved) + quantize -> grouped GEMM2 -> (+
+// w2_bias) weighted unpermute), with per-tensor / per-token activation scales and per-expert /
 // per-channel weight scales, or in block mode (3-D weight scales: one per 128x128 block;
 // activations quantized per token per 128 columns). Registered for CUDA and CPU: each step calls
 // the C++ implementation of that device directly (no boxed dispatcher call per step; on torch <
@@ -12,6 +13,7 @@
 #include "gemm/glue.h"
 #include "permute/cpu_reference.h"
 #include "permute/glue.h"
+#include "quant/checks.h"
 #include "quant/cpu_reference.h"
 #include "quant/glue.h"
 
@@ -26,10 +28,13 @@ constexpr int64_t kBlock = 128;
 // weight_scale_inv as stored (gate blocks first, as w1's rows); H and I multiples of 128.
 void check_block_mode(const char* op, const Tensor& w1_scale, const Tensor& w2_scale, int64_t E, int64_t H,
                       int64_t I, const std::optional<Tensor>& a2_scale, bool per_act_token, bool per_out_ch) {
+  // One weight scale per whole 128x128 block (the other modes need multiples of 16 only).
   STD_TORCH_CHECK(H % kBlock == 0, op, ": block mode (3-D weight scales) needs H (hidden_states.size(1)) to be a ",
-              "multiple of 128, got H=", H);
-  STD_TORCH_CHECK(I % kBlock == 0, op, ": block mode (3-D weight scales) needs I (w2.size(2)) to be a multiple of 128, ",
-              "got I=", I);
+                  "multiple of 128, got H=", H, " (whole 128x128 weight blocks; the per-tensor, per-token and ",
+                  "per-channel modes need multiples of 16 only)");
+  STD_TORCH_CHECK(I % kBlock == 0, op, ": block mode (3-D weight scales) needs I (w2.size(2)) to be a multiple of ",
+                  "128, got I=", I, " (whole 128x128 weight blocks; the per-tensor, per-token and per-channel modes ",
+                  "need multiples of 16 only)");
   const auto is = [](const Tensor& t, int64_t a, int64_t b, int64_t c) {
     return t.dim() == 3 && t.size(0) == a && t.size(1) == b && t.size(2) == c;
   };
@@ -81,6 +86,23 @@ Tensor gemm_scales(const Tensor& s, bool per_out_ch, int64_t E) {
   return reshape_to(s, {s.numel()});
 }
 
+// w1_bias [E_local, 2I] and w2_bias [E_local, H], float32 on the weights' device. They are not
+// added in the GEMM epilogues (that would recompile every CUTLASS translation unit): w1_bias inside
+// the activation kernel (before the activation) and w2_bias inside the weighted unpermute (before
+// the routing weight), both in fp32, on GEMM outputs already rounded to bf16 (the one difference
+// from an in-epilogue bias).
+void check_bias(const char* op, const char* name, const std::optional<Tensor>& bias, int64_t E, int64_t N,
+                const char* shape, const Tensor& w) {
+  if (!bias.has_value()) return;
+  const Tensor& b = *bias;
+  STD_TORCH_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == N, op, ": ", name, " must be ", shape, " = [", E,
+                  ", ", N, "], got shape ", shape_of(b));
+  STD_TORCH_CHECK(b.scalar_type() == kFloat, op, ": ", name, " must be float32, got ", b.scalar_type());
+  STD_TORCH_CHECK(same_device(b, w), op, ": ", name, " must be on ", device_of(w), " (as the weights), got ",
+                  device_of(b));
+  check_contiguous(op, name, b);
+}
+
 // Steps of the composition, on the implementation of the inputs' device (CUDA or the CPU references).
 struct Steps {
   bool on_cuda;
@@ -90,10 +112,11 @@ struct Steps {
   std::tuple<Tensor, Tensor> quant(const Tensor& x, const std::optional<Tensor>& scale, bool per_token) const {
     return on_cuda ? cuda::scaled_fp8_quant(x, scale, per_token) : cpu::scaled_fp8_quant(x, scale, per_token);
   }
-  std::tuple<Tensor, Tensor> silu_mul_quant(const Tensor& x, const std::optional<Tensor>& scale, bool per_token,
-                                            int64_t g) const {
-    return on_cuda ? cuda::silu_and_mul_quant_fp8(x, scale, per_token, g)
-                   : cpu::silu_and_mul_quant_fp8(x, scale, per_token, g);
+  std::tuple<Tensor, Tensor> act_quant(const Tensor& x, const std::optional<Tensor>& scale, bool per_token, int64_t g,
+                                       const std::string& act, bool interleaved, double alpha, double limit,
+                                       const std::optional<Tensor>& bias, const std::optional<Tensor>& offsets) const {
+    return on_cuda ? cuda::silu_and_mul_quant_fp8(x, scale, per_token, g, act, interleaved, alpha, limit, bias, offsets)
+                   : cpu::silu_and_mul_quant_fp8(x, scale, per_token, g, act, interleaved, alpha, limit, bias, offsets);
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> permute(const Tensor& x, const Tensor& ids, int64_t E,
                                                              const std::optional<Tensor>& map, int64_t local,
@@ -105,8 +128,9 @@ struct Steps {
     return on_cuda ? cuda::cutlass_grouped_gemm_fp8(a, b, as, bs, off, std::nullopt)
                    : cpu::cutlass_grouped_gemm_fp8(a, b, as, bs, off, std::nullopt);
   }
-  Tensor unpermute(const Tensor& rows, const Tensor& w, const Tensor& inv) const {
-    return on_cuda ? cuda::moe_unpermute(rows, w, inv) : cpu::moe_unpermute(rows, w, inv);
+  Tensor unpermute(const Tensor& rows, const Tensor& w, const Tensor& inv, const std::optional<Tensor>& bias,
+                   const std::optional<Tensor>& offsets) const {
+    return on_cuda ? cuda::moe_unpermute(rows, w, inv, bias, offsets) : cpu::moe_unpermute(rows, w, inv, bias, offsets);
   }
 };
 
@@ -115,8 +139,11 @@ Tensor cutlass_moe_fp8_impl(const Tensor& hidden_states, const Tensor& w1, const
                                 const Tensor& w2_scale, const std::optional<Tensor>& a1_scale,
                                 const std::optional<Tensor>& a2_scale, bool per_act_token, bool per_out_ch,
                                 const std::optional<Tensor>& expert_map, int64_t num_local_experts,
-                                bool apply_router_weight_on_input) {
+                                bool apply_router_weight_on_input, const std::string& activation,
+                                bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
+                                const std::optional<Tensor>& w1_bias, const std::optional<Tensor>& w2_bias) {
   const char* op = "cutlass_moe_fp8";
+  parse_activation(op, activation);  // an unknown name fails here, naming this op
   STD_TORCH_CHECK(hidden_states.dim() == 2, op, ": hidden_states must be 2-D [T, H], got shape ", shape_of(hidden_states));
   const auto in_dtype = hidden_states.scalar_type();
   const bool prequantized = in_dtype == kFloat8;
@@ -135,6 +162,8 @@ Tensor cutlass_moe_fp8_impl(const Tensor& hidden_states, const Tensor& w1, const
   STD_TORCH_CHECK(same_shape(topk_weights, topk_ids) && topk_ids.dim() == 2 && topk_ids.size(0) == T, op,
               ": topk_weights and topk_ids must be [T, K] with T=", T, ", got ", shape_of(topk_weights), " and ",
               shape_of(topk_ids));
+  check_bias(op, "w1_bias", w1_bias, E_local, 2 * I, "[E_local, 2I]", w1);
+  check_bias(op, "w2_bias", w2_bias, E_local, H, "[E_local, H]", w2);
 
   // Block mode is chosen by 3-D weight scales; otherwise [E] per expert or [E, N] per channel.
   const bool block = w1_scale.dim() == 3 || w2_scale.dim() == 3;
@@ -145,6 +174,13 @@ Tensor cutlass_moe_fp8_impl(const Tensor& hidden_states, const Tensor& w1, const
     STD_TORCH_CHECK(prequantized || !a1_scale.has_value(), op, ": a1_scale must be None in block mode with ",
                 in_dtype, " hidden_states (activation scales are computed per token per 128 columns)");
   } else {
+    // The grouped GEMM's TMA loads need 16-byte aligned rows: K (H for GEMM1, I for GEMM2) a
+    // multiple of 16 e4m3 values; its bf16 outputs (2I and H columns) then are too. No other rule:
+    // tiles cover partial blocks (gpt-oss's H = I = 2880 is 22.5 tiles of 128).
+    STD_TORCH_CHECK(H % 16 == 0 && H > 0, op, ": H (hidden_states.size(1)) must be a positive multiple of 16 ",
+                    "(16-byte aligned rows of e4m3 for the grouped GEMM's TMA loads), got H=", H);
+    STD_TORCH_CHECK(I % 16 == 0 && I > 0, op, ": I (w2.size(2)) must be a positive multiple of 16 (16-byte aligned ",
+                    "rows of e4m3 for the grouped GEMM's TMA loads), got I=", I);
     // [E] per expert, or [E, N] per output channel (as [E, N] or [E, N, 1]).
     STD_TORCH_CHECK(w1_scale.numel() == (per_out_ch ? 2 * I : 1) * E_local &&
                         w2_scale.numel() == (per_out_ch ? H : 1) * E_local,
@@ -209,11 +245,17 @@ Tensor cutlass_moe_fp8_impl(const Tensor& hidden_states, const Tensor& w1, const
   x_q = Tensor();
   x = Tensor();
   permuted = Tensor();
-  auto [y_q, a2s] = block ? step.silu_mul_quant(h1, std::nullopt, false, kBlock)   // [M, I], [M, I/128]
-                          : step.silu_mul_quant(h1, a2_scale, per_act_token, 0);  // [M, I], [1] or [M, 1]
+  // The activation of GEMM1's rows (+ w1_bias of each row's expert) fused with their quantization:
+  // [M, I] e4m3 with [M, I/128] (block), [1] or [M, 1] scales.
+  const auto with_offsets = [&](const std::optional<Tensor>& b) {
+    return b ? std::optional<Tensor>(offsets) : std::nullopt;
+  };
+  auto [y_q, a2s] = step.act_quant(h1, block ? std::nullopt : a2_scale, block ? false : per_act_token,
+                                   block ? kBlock : 0, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                                   w1_bias, with_offsets(w1_bias));
   h1 = Tensor();
   Tensor h2 = step.gemm(y_q, w2, a2s, w2s, offsets);  // [M, H] bf16
-  Tensor out = step.unpermute(h2, weights, inv);
+  Tensor out = step.unpermute(h2, weights, inv, w2_bias, with_offsets(w2_bias));
   // Quantized input has no dtype of its own to return to: the output stays bfloat16.
   return prequantized || in_dtype == kBFloat16 ? out : torch::stable::to(out, in_dtype);
 }

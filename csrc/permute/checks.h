@@ -30,6 +30,11 @@ int64_t check_permute_scales(const char* op, const Tensor& scales, const Tensor&
 void check_weighted_gather_args(const char* op, const char* rows_name, const Tensor& rows,
                                 const Tensor& topk_weights, const Tensor& index, const char* index_name);
 
+// moe_unpermute's bias [E, H] float32 and expert_offsets [E + 1] int64 (both or neither),
+// contiguous, on permuted's device.
+void check_unpermute_bias(const char* op, const Tensor& permuted, const std::optional<Tensor>& bias,
+                          const std::optional<Tensor>& expert_offsets);
+
 void check_problem_sizes_args(const Tensor& expert_offsets, int64_t n, int64_t k);
 
 }  // namespace moe_kernels

@@ -19,6 +19,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_permute(const Tensor& hid
                                                                int64_t num_local_experts, int64_t align_block_size,
                                                                const std::optional<Tensor>& scales);
 
-Tensor moe_unpermute(const Tensor& permuted, const Tensor& topk_weights, const Tensor& inv_permuted_idx);
+Tensor moe_unpermute(const Tensor& permuted, const Tensor& topk_weights, const Tensor& inv_permuted_idx,
+                     const std::optional<Tensor>& bias = std::nullopt,
+                     const std::optional<Tensor>& expert_offsets = std::nullopt);
 
 }  // namespace moe_kernels::cuda

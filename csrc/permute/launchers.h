@@ -46,9 +46,9 @@ struct PermuteRowsArgs {
 };
 cudaError_t launch_permute_rows(const PermuteRowsArgs& args, cudaStream_t stream);
 
-// out[t] = sum_k w[t,k] * rows[index[t,k]] over the kept k (fp32 accumulation, one write).
-// Kept: index >= 0 (moe_unpermute), or, when topk_ids is given, expert in [start, end]
-// (ep_post_reorder). One kernel serves both.
+// out[t] = sum_k w[t,k] * (rows[index[t,k]] + bias[e]) over the kept k (fp32 accumulation, one
+// write; bias optional, e the local expert owning the row). Kept: index >= 0 (moe_unpermute),
+// or, when topk_ids is given, expert in [start, end] (ep_post_reorder). One kernel serves both.
 struct WeightedGatherArgs {
   const void* rows;             // [R, H], `dtype`
   const void* topk_weights;     // [T, K], float32 or `dtype`
@@ -64,6 +64,9 @@ struct WeightedGatherArgs {
   int topk;
   int64_t hidden;
   int64_t num_rows;             // R: rows past it are never read
+  const float* bias = nullptr;  // [num_experts, H] fp32 or nullptr (moe_unpermute's w2 bias)
+  const int64_t* expert_offsets = nullptr;  // [num_experts + 1] with bias: rows of each expert
+  int64_t num_experts = 0;
 };
 cudaError_t launch_weighted_gather(const WeightedGatherArgs& args, cudaStream_t stream);
 

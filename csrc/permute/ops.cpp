@@ -71,7 +71,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_permute(
 
 Tensor weighted_gather(const char* op, const Tensor& rows, const Tensor& topk_weights,
                            const Tensor& index, const std::optional<Tensor>& topk_ids, int64_t start_expert,
-                           int64_t end_expert) {
+                           int64_t end_expert, const std::optional<Tensor>& bias,
+                           const std::optional<Tensor>& expert_offsets) {
   const CudaDeviceScope scope(rows);
   auto out = empty_on({index.size(0), rows.size(1)}, rows.scalar_type(), rows);
   WeightedGatherArgs a{};
@@ -89,15 +90,21 @@ Tensor weighted_gather(const char* op, const Tensor& rows, const Tensor& topk_we
   a.topk = static_cast<int>(index.size(1));
   a.hidden = rows.size(1);
   a.num_rows = rows.size(0);
+  if (bias) {
+    a.bias = cptr<float>(*bias);
+    a.expert_offsets = cptr<int64_t>(*expert_offsets);
+    a.num_experts = bias->size(0);
+  }
   check_launch(launch_weighted_gather(a, current_stream(rows)), op);
   return out;
 }
 
-Tensor moe_unpermute(const Tensor& permuted, const Tensor& topk_weights,
-                         const Tensor& inv_permuted_idx) {
+Tensor moe_unpermute(const Tensor& permuted, const Tensor& topk_weights, const Tensor& inv_permuted_idx,
+                     const std::optional<Tensor>& bias, const std::optional<Tensor>& expert_offsets) {
   const char* op = "moe_unpermute";
   check_weighted_gather_args(op, "permuted", permuted, topk_weights, inv_permuted_idx, "inv_permuted_idx");
-  return weighted_gather(op, permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0);
+  check_unpermute_bias(op, permuted, bias, expert_offsets);
+  return weighted_gather(op, permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0, bias, expert_offsets);
 }
 
 std::tuple<Tensor, Tensor> compute_problem_sizes(const Tensor& expert_offsets, int64_t n, int64_t k,

@@ -3,6 +3,8 @@
 #include <cstring>
 #include <vector>
 
+#include "common/portable_math.h"
+#include "common/row_expert.h"
 #include "permute/checks.h"
 #include "permute/cpu_reference.h"
 
@@ -98,7 +100,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_permute(
 }
 
 Tensor weighted_gather(const Tensor& rows, const Tensor& topk_weights, const Tensor& index,
-                           const std::optional<Tensor>& topk_ids, int64_t start_expert, int64_t end_expert) {
+                       const std::optional<Tensor>& topk_ids, int64_t start_expert, int64_t end_expert,
+                       const float* bias, const int64_t* expert_offsets, int64_t num_experts) {
   const int64_t T = index.size(0);
   const int64_t K = index.size(1);
   const int64_t R = rows.size(0);
@@ -122,7 +125,13 @@ Tensor weighted_gather(const Tensor& rows, const Tensor& topk_weights, const Ten
         if (e < start_expert || e > end_expert) continue;
       }
       const float w = read_as_float(wp, wt, flat);
-      for (int64_t h = 0; h < H; ++h) out[t * H + h] = std::fma(w, read_as_float(xp, xt, r * H + h), out[t * H + h]);
+      // The bias of the expert owning row r (none past the last expert's rows), added in fp32.
+      const int64_t e = bias ? row_expert(expert_offsets, num_experts, r) : -1;
+      const float* b = e >= 0 ? bias + e * H : nullptr;
+      for (int64_t h = 0; h < H; ++h) {
+        const float v = read_as_float(xp, xt, r * H + h);
+        out[t * H + h] = std::fma(w, b ? pmath::add_rn(v, b[h]) : v, out[t * H + h]);
+      }
     }
   }
   Tensor result = empty_on({T, H}, xt, rows);
@@ -131,11 +140,14 @@ Tensor weighted_gather(const Tensor& rows, const Tensor& topk_weights, const Ten
   return result;
 }
 
-Tensor moe_unpermute(const Tensor& permuted, const Tensor& topk_weights,
-                         const Tensor& inv_permuted_idx) {
+Tensor moe_unpermute(const Tensor& permuted, const Tensor& topk_weights, const Tensor& inv_permuted_idx,
+                     const std::optional<Tensor>& bias, const std::optional<Tensor>& expert_offsets) {
   check_weighted_gather_args("moe_unpermute", "permuted", permuted, topk_weights, inv_permuted_idx,
                              "inv_permuted_idx");
-  return weighted_gather(permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0);
+  check_unpermute_bias("moe_unpermute", permuted, bias, expert_offsets);
+  return weighted_gather(permuted, topk_weights, inv_permuted_idx, std::nullopt, 0, 0,
+                         bias ? cptr<float>(*bias) : nullptr, expert_offsets ? cptr<int64_t>(*expert_offsets) : nullptr,
+                         bias ? bias->size(0) : 0);
 }
 
 std::tuple<Tensor, Tensor> compute_problem_sizes(const Tensor& expert_offsets, int64_t n, int64_t k,

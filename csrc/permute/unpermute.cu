@@ -12,7 +12,8 @@ constexpr int64_t kMaxGatherBlocks = 132 * 32;  // blocks in flight: enough to f
 template <typename T, typename W, int kVec>
 cudaError_t launch_typed(const WeightedGatherArgs& a, cudaStream_t stream) {
   WeightedGatherParams<T, W> p{static_cast<const T*>(a.rows), static_cast<const W*>(a.topk_weights), a.index,
-                               static_cast<T*>(a.out), a.num_tokens, a.topk, a.hidden, a.num_rows};
+                               static_cast<T*>(a.out), a.num_tokens, a.topk, a.hidden, a.num_rows,
+                               a.bias, a.expert_offsets, a.num_experts};
   const int64_t slices = ceil_div(a.hidden / kVec, kGatherThreads);
   const dim3 blocks(static_cast<unsigned>(std::min(a.num_tokens, std::max<int64_t>(1, kMaxGatherBlocks / slices))),
                     static_cast<unsigned>(slices));

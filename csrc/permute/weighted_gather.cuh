@@ -1,5 +1,7 @@
-// out[t] = sum over kept k of w[t,k] * rows[index[t,k]]: the reduction of moe_unpermute and of
-// ep_post_reorder, which differ only in which k are kept (the Keep policy).
+// out[t] = sum over kept k of w[t,k] * (rows[index[t,k]] + bias[e]): the reduction of
+// moe_unpermute and of ep_post_reorder, which differ only in which k are kept (the Keep policy).
+// The bias (moe_unpermute's, optional) is the fp32 [E, H] row of the local expert e that owns the
+// source row (row_expert over expert_offsets), added in fp32 before the weight multiplies.
 //
 // One block per token (grid-stride), kVec elements per access so that each thread moves 16 bytes;
 // fp32 accumulators in registers; out is written once. The K source rows and weights of a token
@@ -11,6 +13,8 @@
 #include "common/cuda_utils.cuh"
 #include "common/float_convert.cuh"
 #include "common/limits.h"
+#include "common/portable_math.h"
+#include "common/row_expert.h"
 
 namespace moe_kernels {
 
@@ -26,6 +30,9 @@ struct WeightedGatherParams {
   int topk;
   int64_t hidden;
   int64_t num_rows;
+  const float* bias;              // [num_experts, hidden] fp32, or nullptr
+  const int64_t* expert_offsets;  // [num_experts + 1] with bias
+  int64_t num_experts;
 };
 
 // moe_unpermute: a choice is kept when it has a row (dropped choices carry -1).
@@ -53,6 +60,7 @@ __global__ void __launch_bounds__(kGatherThreads) weighted_gather_kernel(Weighte
   struct alignas(sizeof(T) * kVec) Pack { T v[kVec]; };
   __shared__ int32_t rows[kMaxTopK];
   __shared__ float weights[kMaxTopK];
+  __shared__ const float* biases[kMaxTopK];  // the kept rows' bias rows (nullptr: none)
   __shared__ int num_kept;
   const int64_t packs_per_row = p.hidden / kVec;
   const int64_t v = static_cast<int64_t>(blockIdx.y) * kGatherThreads + threadIdx.x;
@@ -73,6 +81,8 @@ __global__ void __launch_bounds__(kGatherThreads) weighted_gather_kernel(Weighte
           const int slot = n + __popc(ballot & ((1u << lane) - 1u));
           rows[slot] = r;
           weights[slot] = to_float(p.weights[flat]);
+          const int64_t e = p.bias != nullptr ? row_expert(p.expert_offsets, p.num_experts, r) : -1;
+          biases[slot] = e >= 0 ? p.bias + e * p.hidden : nullptr;
         }
         n += __popc(ballot);
       }
@@ -88,8 +98,15 @@ __global__ void __launch_bounds__(kGatherThreads) weighted_gather_kernel(Weighte
       for (int k = 0; k < n; ++k) {
         const Pack x = reinterpret_cast<const Pack*>(p.rows + rows[k] * p.hidden)[v];
         const float w = weights[k];
+        const float* b = biases[k];
+        if (b == nullptr) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) acc[j] = fmaf(w, to_float(x.v[j]), acc[j]);
+          for (int j = 0; j < kVec; ++j) acc[j] = fmaf(w, to_float(x.v[j]), acc[j]);
+        } else {
+          b += v * kVec;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) acc[j] = fmaf(w, pmath::add_rn(to_float(x.v[j]), b[j]), acc[j]);
+        }
       }
       Pack y;
 #pragma unroll

@@ -11,6 +11,7 @@ namespace moe_kernels::cuda {
 
 Tensor weighted_gather(const char* op, const Tensor& rows, const Tensor& topk_weights,
                            const Tensor& index, const std::optional<Tensor>& topk_ids, int64_t start_expert,
-                           int64_t end_expert);
+                           int64_t end_expert, const std::optional<Tensor>& bias = std::nullopt,
+                           const std::optional<Tensor>& expert_offsets = std::nullopt);
 
 }  // namespace moe_kernels::cuda

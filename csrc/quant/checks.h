@@ -5,6 +5,9 @@
 #include "common/stable_glue.h"
 
 #include <optional>
+#include <string_view>
+
+#include "quant/gated_act.h"
 
 namespace moe_kernels {
 
@@ -33,5 +36,15 @@ inline Tensor empty_group_scales(int64_t rows, int64_t groups, bool column_major
 }
 
 void check_silu_and_mul_mode(const std::optional<Tensor>& scale, bool per_token, int64_t group_size);
+
+// "silu", "gelu" or "swigluoai" -> the enum; any other name is an error naming it.
+GatedActivation parse_activation(const char* op, std::string_view name);
+
+// silu_and_mul_quant_fp8's activation arguments: the activation, and the bias [E, 2I] float32
+// contiguous on x's device with expert_offsets [E + 1] int64 (both or neither). Returns the spec
+// for the launcher / reference, pointers filled from the tensors.
+GatedActSpec check_gated_act_args(const char* op, const QuantShape& s, const Tensor& x, std::string_view activation,
+                                  bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
+                                  const std::optional<Tensor>& bias, const std::optional<Tensor>& expert_offsets);
 
 }  // namespace moe_kernels

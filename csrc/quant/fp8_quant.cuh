@@ -1,6 +1,6 @@
 // FP8 (e4m3) quantization of rows: scaled_fp8_quant (y = x) and silu_and_mul_quant_fp8
-// (y = silu(gate) * up) share these kernels; they differ only in the Input policy that produces
-// y, kVec values at a time, from one 16-byte (or narrower) load per input half-row.
+// (y = act(gate, up), gated_act.h) share these kernels; they differ only in the Input policy that
+// produces y, kVec values at a time, from one 16-byte (or narrower) load per input half-row.
 //
 // Scales, three ways:
 // - static per-tensor: quantize_rows_kernel reads the given scale (one pass over x);
@@ -20,6 +20,8 @@
 
 #include "common/float_convert.cuh"
 #include "quant/fp8_math.h"
+#include "quant/gated_act.h"
+#include "quant/launchers.h"
 
 namespace moe_kernels {
 
@@ -30,30 +32,84 @@ struct alignas(sizeof(T) * kVec) ElemPack {
   T v[kVec];
 };
 
+// Input policies: row(r) resolves what a row needs once (its address; for the gated input, its
+// expert's bias), then load(row, v, y) produces kVec values of y, vector v of the row.
+
 // y = x: row r of x [rows, cols].
 template <typename T, int kVec>
 struct PlainInput {
   const T* x;
   int64_t cols;
-  __device__ __forceinline__ void load(int64_t row, int64_t v, float (&y)[kVec]) const {
-    const ElemPack<T, kVec> p = reinterpret_cast<const ElemPack<T, kVec>*>(x + row * cols)[v];
+  using Row = const T*;
+  static PlainInput make(const Fp8QuantArgs& a) { return {static_cast<const T*>(a.x), a.cols}; }
+  __device__ __forceinline__ Row row(int64_t r) const { return x + r * cols; }
+  __device__ __forceinline__ void load(Row row, int64_t v, float (&y)[kVec]) const {
+    const ElemPack<T, kVec> p = reinterpret_cast<const ElemPack<T, kVec>*>(row)[v];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) y[j] = to_float(p.v[j]);
   }
 };
 
-// y = silu(gate) * up: row r of x [rows, 2*cols] holds gate in its first cols columns and up in
-// the last cols (the layout of vLLM's w13 output).
-template <typename T, int kVec>
-struct SiluAndMulInput {
+// y = act(gate + bias_gate, up + bias_up) (gated_act.h): row r of x [rows, 2*cols] holds gate in
+// its first cols columns and up in the last cols (vLLM's w13 output), or, kInterleaved, gate and
+// up alternating (gpt-oss). The bias, when given, is the row's expert's [2*cols] fp32 row.
+template <typename T, int kVec, typename Act, bool kInterleaved>
+struct GatedInput {
   const T* x;
   int64_t cols;
-  __device__ __forceinline__ void load(int64_t row, int64_t v, float (&y)[kVec]) const {
-    const T* gate_row = x + row * 2 * cols;
-    const ElemPack<T, kVec> g = reinterpret_cast<const ElemPack<T, kVec>*>(gate_row)[v];
-    const ElemPack<T, kVec> u = reinterpret_cast<const ElemPack<T, kVec>*>(gate_row + cols)[v];
+  Act act;
+  const float* bias;              // [num_experts, 2*cols] or nullptr
+  const int64_t* expert_offsets;  // [num_experts + 1]
+  int64_t num_experts;
+  struct Row {
+    const T* x;
+    const float* bias;  // nullptr: no bias for this row
+  };
+  static GatedInput make(const Fp8QuantArgs& a) {
+    return {static_cast<const T*>(a.x), a.cols, Act::make(a.act), a.act.bias, a.act.expert_offsets,
+            a.act.num_experts};
+  }
+  __device__ __forceinline__ Row row(int64_t r) const {
+    const float* b = nullptr;
+    if (bias != nullptr) {
+      const int64_t e = row_expert(expert_offsets, num_experts, r);
+      if (e >= 0) b = bias + e * 2 * cols;
+    }
+    return {x + r * 2 * cols, b};
+  }
+  __device__ __forceinline__ void load(const Row& row, int64_t v, float (&y)[kVec]) const {
+    float g[kVec];
+    float u[kVec];
+    if constexpr (kInterleaved) {
+      // 2*kVec consecutive values (two packs): gate at even, up at odd positions.
+      const auto* packs = reinterpret_cast<const ElemPack<T, kVec>*>(row.x);
+      const ElemPack<T, kVec> lo = packs[2 * v];
+      const ElemPack<T, kVec> hi = packs[2 * v + 1];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) y[j] = fp8::silu_and_mul(to_float(g.v[j]), to_float(u.v[j]));
+      for (int j = 0; j < kVec; ++j) {
+        const int i = 2 * j;  // position of gate j among the 2*kVec values
+        g[j] = to_float(i < kVec ? lo.v[i] : hi.v[i - kVec]);
+        u[j] = to_float(i + 1 < kVec ? lo.v[i + 1] : hi.v[i + 1 - kVec]);
+      }
+    } else {
+      const ElemPack<T, kVec> gp = reinterpret_cast<const ElemPack<T, kVec>*>(row.x)[v];
+      const ElemPack<T, kVec> up = reinterpret_cast<const ElemPack<T, kVec>*>(row.x + cols)[v];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        g[j] = to_float(gp.v[j]);
+        u[j] = to_float(up.v[j]);
+      }
+    }
+    if (row.bias != nullptr) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const int64_t c = v * kVec + j;
+        g[j] = fp8::add_rn(g[j], row.bias[gate_pos(kInterleaved, cols, c)]);
+        u[j] = fp8::add_rn(u[j], row.bias[up_pos(kInterleaved, cols, c)]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) y[j] = act(g[j], u[j]);
   }
 };
 
@@ -151,7 +207,7 @@ __global__ void __launch_bounds__(kQuantThreads) tensor_scale_kernel(QuantParams
   float amax = 0.0f;
   for_each_row_vector(p.rows, p.vecs_per_row, [&](int64_t r, int64_t v) {
     float y[kVec];
-    p.input.load(r, v, y);
+    p.input.load(p.input.row(r), v, y);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fp8::amax_term(y[j]));
   });
@@ -167,7 +223,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(QuantParam
   const float inv_scale = fp8::inverse_scale(scale);
   for_each_row_vector(p.rows, p.vecs_per_row, [&](int64_t r, int64_t v) {
     float y[kVec];
-    p.input.load(r, v, y);
+    p.input.load(p.input.row(r), v, y);
     store_e4m3<kVec>(p.q + (r * p.vecs_per_row + v) * kVec, y, inv_scale);
   });
 }
@@ -181,10 +237,11 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_per_token_kernel(Quant
   extern __shared__ float cache[];  // [kVec * vecs_per_row] floats when kCacheRow
   const int64_t n = p.vecs_per_row;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const auto row = p.input.row(r);
     float amax = 0.0f;
     for (int64_t v = threadIdx.x; v < n; v += kQuantThreads) {
       float y[kVec];
-      p.input.load(r, v, y);
+      p.input.load(row, v, y);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         amax = fmaxf(amax, fp8::amax_term(y[j]));
@@ -201,7 +258,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_per_token_kernel(Quant
 #pragma unroll
         for (int j = 0; j < kVec; ++j) y[j] = cache[j * n + v];
       } else {
-        p.input.load(r, v, y);
+        p.input.load(row, v, y);
       }
       store_e4m3<kVec>(q_row + v * kVec, y, inv_scale);
     }

@@ -43,7 +43,7 @@ cudaError_t launch_group_quant(const In& input, const Fp8QuantArgs& a, cudaStrea
 template <template <typename, int> class Input, typename T, int kVec>
 cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
   using In = Input<T, kVec>;
-  QuantParams<In> p{In{static_cast<const T*>(a.x), a.cols}, a.rows, a.cols / kVec, a.q, nullptr, nullptr, nullptr};
+  QuantParams<In> p{In::make(a), a.rows, a.cols / kVec, a.q, nullptr, nullptr, nullptr};
   // Per-tensor kernels walk rows x vectors as one flat space; per-token ones take a row per block.
   const int64_t flat_blocks = ceil_div(a.rows * p.vecs_per_row, kQuantThreads);
   const int grid = static_cast<int>(std::clamp<int64_t>(flat_blocks, 1, kMaxQuantBlocks));

@@ -1,7 +1,7 @@
 // Dynamic per-group FP8 quantization: each row is cut into groups of group_size columns and every
 // group gets its own scale (the 1x128 activation scales of block-scaled FP8 checkpoints).
-// per_token_group_quant_fp8 (y = x) and silu_and_mul_quant_fp8 with group_size (y = silu(gate) *
-// up) share this kernel through the Input policies of fp8_quant.cuh.
+// per_token_group_quant_fp8 (y = x) and silu_and_mul_quant_fp8 with group_size (y = act(gate,
+// up)) share this kernel through the Input policies of fp8_quant.cuh.
 //
 // A group belongs to `lanes` consecutive lanes of one warp (a power of two, as many as the group
 // has vectors, at most 32): with 128-column groups of bf16 (16 vectors of 8 values), a warp
@@ -48,10 +48,11 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_per_group_kernel(Group
     const int64_t r = valid ? g / p.groups_per_row : 0;
     const int64_t col_group = g - r * p.groups_per_row;
     const int64_t first_vec = col_group * p.vecs_per_group;  // vector index inside row r
+    const auto row = p.input.row(r);
     float y[kVec];
     float amax = 0.0f;
     for (int64_t v = sub; valid && v < p.vecs_per_group; v += p.lanes) {
-      p.input.load(r, first_vec + v, y);
+      p.input.load(row, first_vec + v, y);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fp8::amax_term(y[j]));
     }
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_per_group_kernel(Group
     // With at most one vector per lane, y still holds it; otherwise each vector is loaded again.
     const bool reload = p.vecs_per_group > p.lanes;
     for (int64_t v = sub; v < p.vecs_per_group; v += p.lanes) {
-      if (reload) p.input.load(r, first_vec + v, y);
+      if (reload) p.input.load(row, first_vec + v, y);
       float s[kVec];
 #pragma unroll
       for (int j = 0; j < kVec; ++j) s[j] = fp8::div_rn(y[j], scale);

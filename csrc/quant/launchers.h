@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "common/dtype.h"
+#include "quant/gated_act.h"
 
 namespace moe_kernels {
 
@@ -27,12 +28,14 @@ struct Fp8QuantArgs {
   uint8_t* q;                 // out: [rows, cols] float8_e4m3fn
   int64_t group_size;         // kDynamicPerGroup: columns per group (divides cols), else unused
   bool scales_column_major;   // kDynamicPerGroup: scale of (r, g) at g * rows + r instead of r * groups + g
+  GatedActSpec act;           // silu_and_mul_quant_fp8: activation, layout, bias (unused by scaled_fp8_quant)
 };
 
 // q = e4m3(saturate(x * (1 / scale))); per group: e4m3(saturate(x / scale))
 cudaError_t launch_scaled_fp8_quant(const Fp8QuantArgs& args, cudaStream_t stream);
 
-// q = e4m3(saturate(silu(x[:, :cols]) * x[:, cols:] * (1 / scale)))
+// q = e4m3(saturate(act(gate + bias, up + bias) * (1 / scale))), act, layout and bias from args.act
+// (gated_act.h); the default spec is silu on concatenated halves, no bias.
 cudaError_t launch_silu_and_mul_quant_fp8(const Fp8QuantArgs& args, cudaStream_t stream);
 
 }  // namespace moe_kernels

@@ -16,7 +16,8 @@ using Launcher = cudaError_t (*)(const Fp8QuantArgs&, cudaStream_t);
 // Allocates q and the scales of the mode, fills the launcher's arguments and launches.
 std::tuple<Tensor, Tensor> launch(const char* op, Launcher launcher, const Tensor& x, const QuantShape& s,
                                           QuantScaleMode mode, const std::optional<Tensor>& scale,
-                                          int64_t group_size = 0, bool column_major_scales = false) {
+                                          int64_t group_size = 0, bool column_major_scales = false,
+                                          const GatedActSpec& act = {}) {
   const CudaDeviceScope scope(x);
   Tensor q = empty_on({s.rows, s.cols}, kFloat8, x);
   Tensor scale_out;
@@ -38,6 +39,7 @@ std::tuple<Tensor, Tensor> launch(const char* op, Launcher launcher, const Tenso
   a.q = static_cast<uint8_t*>(q.data_ptr());
   a.group_size = group_size;
   a.scales_column_major = column_major_scales;
+  a.act = act;
   check_launch(launcher(a, current_stream(x)), op);
   return {q, scale_out};
 }
@@ -68,18 +70,22 @@ std::tuple<Tensor, Tensor> per_token_group_quant_fp8(const Tensor& x, int64_t gr
                 column_major_scales);
 }
 
-std::tuple<Tensor, Tensor> silu_and_mul_quant_fp8(const Tensor& x,
-                                                          const std::optional<Tensor>& scale, bool per_token,
-                                                          int64_t group_size) {
+std::tuple<Tensor, Tensor> silu_and_mul_quant_fp8(const Tensor& x, const std::optional<Tensor>& scale, bool per_token,
+                                                  int64_t group_size, const std::string& activation,
+                                                  bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
+                                                  const std::optional<Tensor>& bias,
+                                                  const std::optional<Tensor>& expert_offsets) {
   const char* op = "silu_and_mul_quant_fp8";
   const QuantShape s = check_quant_args(op, x, scale, /*silu_and_mul=*/true);
   check_silu_and_mul_mode(scale, per_token, group_size);
+  const GatedActSpec act = check_gated_act_args(op, s, x, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                                                bias, expert_offsets);
   if (group_size > 0) {
     check_group_size(op, s, group_size, /*silu_and_mul=*/true);
     return launch(op, launch_silu_and_mul_quant_fp8, x, s, QuantScaleMode::kDynamicPerGroup, std::nullopt,
-                  group_size);
+                  group_size, false, act);
   }
-  return launch(op, launch_silu_and_mul_quant_fp8, x, s, tensor_or_token_mode(scale, per_token), scale);
+  return launch(op, launch_silu_and_mul_quant_fp8, x, s, tensor_or_token_mode(scale, per_token), scale, 0, false, act);
 }
 
 }  // namespace cuda

@@ -101,20 +101,20 @@ std::tuple<Tensor, Tensor> per_token_group_quant_fp8(const Tensor& x, int64_t gr
 }
 
 std::tuple<Tensor, Tensor> silu_and_mul_quant_fp8(const Tensor& x, const std::optional<Tensor>& scale, bool per_token,
-                                                  int64_t group_size) {
+                                                  int64_t group_size, const std::string& activation,
+                                                  bool gate_up_interleaved, double swiglu_alpha, double swiglu_limit,
+                                                  const std::optional<Tensor>& bias,
+                                                  const std::optional<Tensor>& expert_offsets) {
   const char* op = "silu_and_mul_quant_fp8";
   const QuantShape s = check_quant_args(op, x, scale, /*silu_and_mul=*/true);
   check_silu_and_mul_mode(scale, per_token, group_size);
+  const GatedActSpec act = check_gated_act_args(op, s, x, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                                                bias, expert_offsets);
   if (group_size > 0) check_group_size(op, s, group_size, /*silu_and_mul=*/true);
   const std::vector<float> xf = to_float(x);
-  const float* x_p = xf.data();
   std::vector<float> y(s.rows * s.cols);
   float* y_p = y.data();
-  for (int64_t r = 0; r < s.rows; ++r) {
-    const float* gate = x_p + r * 2 * s.cols;
-    const float* up = gate + s.cols;
-    for (int64_t c = 0; c < s.cols; ++c) y_p[r * s.cols + c] = fp8::silu_and_mul(gate[c], up[c]);
-  }
+  gated_act_reference(xf.data(), s.rows, s.cols, act, y_p);
   return group_size > 0 ? quantize_per_group(y_p, s.rows, s.cols, group_size, false, x)
                         : quantize(y_p, s.rows, s.cols, scale, per_token, x);
 }

@@ -7,6 +7,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <c10/util/string_view.h>
+
 #include <optional>
 #include <string>
 #include <vector>
@@ -35,17 +37,25 @@ inline std::vector<std::string> grouped_gemm_fp8_configs() {
   return handle.call();
 }
 
-// The whole expert computation: quantize, permute, GEMM1, silu*mul + quantize, GEMM2, unpermute.
+// The whole expert computation: quantize, permute, GEMM1, (+ w1_bias) gated activation + quantize,
+// GEMM2, (+ w2_bias) weighted unpermute. activation "silu" | "gelu" | "swigluoai" (docs/ops.md).
 inline at::Tensor cutlass_moe_fp8(const at::Tensor& hidden_states, const at::Tensor& w1, const at::Tensor& w2,
-                           const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& w1_scale,
-                           const at::Tensor& w2_scale, const std::optional<at::Tensor>& a1_scale = std::nullopt,
-                           const std::optional<at::Tensor>& a2_scale = std::nullopt, bool per_act_token = false,
-                           bool per_out_ch = false, const std::optional<at::Tensor>& expert_map = std::nullopt,
-                           int64_t num_local_experts = -1, bool apply_router_weight_on_input = false) {
+                                  const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                  const at::Tensor& w1_scale, const at::Tensor& w2_scale,
+                                  const std::optional<at::Tensor>& a1_scale = std::nullopt,
+                                  const std::optional<at::Tensor>& a2_scale = std::nullopt, bool per_act_token = false,
+                                  bool per_out_ch = false, const std::optional<at::Tensor>& expert_map = std::nullopt,
+                                  int64_t num_local_experts = -1, bool apply_router_weight_on_input = false,
+                                  c10::string_view activation = "silu", bool gate_up_interleaved = false,
+                                  double swiglu_alpha = 1.702, double swiglu_limit = 7.0,
+                                  const std::optional<at::Tensor>& w1_bias = std::nullopt,
+                                  const std::optional<at::Tensor>& w2_bias = std::nullopt) {
   static auto handle = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("moe_kernels::cutlass_moe_fp8", "")
                            .typed<decltype(cutlass_moe_fp8)>();
-  return handle.call(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale, a2_scale, per_act_token, per_out_ch, expert_map, num_local_experts, apply_router_weight_on_input);
+  return handle.call(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale, a2_scale,
+                     per_act_token, per_out_ch, expert_map, num_local_experts, apply_router_weight_on_input,
+                     activation, gate_up_interleaved, swiglu_alpha, swiglu_limit, w1_bias, w2_bias);
 }
 
 }  // namespace moe_kernels

@@ -38,13 +38,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mo
   return handle.call(hidden_states, topk_ids, num_experts, expert_map, num_local_experts, align_block_size, scales);
 }
 
-// -> out [T,H]: out[t] = sum_k topk_weights[t,k] * permuted[inv_permuted_idx[t,k]]
+// -> out [T,H]: out[t] = sum_k topk_weights[t,k] * (permuted[inv_permuted_idx[t,k]] + bias[e]),
+// bias optional: [E, H] float32, e the expert owning the row (expert_offsets [E + 1] int64, given
+// with bias), added in fp32 before the weight multiplies.
 inline at::Tensor moe_unpermute(const at::Tensor& permuted, const at::Tensor& topk_weights,
-                         const at::Tensor& inv_permuted_idx) {
+                                const at::Tensor& inv_permuted_idx,
+                                const std::optional<at::Tensor>& bias = std::nullopt,
+                                const std::optional<at::Tensor>& expert_offsets = std::nullopt) {
   static auto handle = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("moe_kernels::moe_unpermute", "")
                            .typed<decltype(moe_unpermute)>();
-  return handle.call(permuted, topk_weights, inv_permuted_idx);
+  return handle.call(permuted, topk_weights, inv_permuted_idx, bias, expert_offsets);
 }
 
 // -> (problem_sizes1 [E_local,3] int32, problem_sizes2 [E_local,3] int32)

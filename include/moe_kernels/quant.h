@@ -9,6 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <c10/util/string_view.h>
+
 #include <optional>
 #include <tuple>
 
@@ -38,16 +40,23 @@ inline std::tuple<at::Tensor, at::Tensor> per_token_group_quant_fp8(const at::Te
   return handle.call(x, group_size, column_major_scales);
 }
 
-// x [M,2I] (gate | up) -> (q [M,I] float8_e4m3fn, scale f32): y = silu(gate) * up in fp32, then
-// quantized as scaled_fp8_quant does, or with group_size > 0 (scale None, per_token false) as
-// per_token_group_quant_fp8 does: scales [M, I/group_size] row-major.
-inline std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x,
-                                                          const std::optional<at::Tensor>& scale = std::nullopt,
-                                                          bool per_token = false, int64_t group_size = 0) {
+// x [M,2I] (gate | up, or interleaved) -> (q [M,I] float8_e4m3fn, scale f32): y = act(gate +
+// bias, up + bias) in fp32 (activation "silu": silu(g) * u; "gelu": exact-erf gelu(g) * u;
+// "swigluoai": (clamp(u, -limit, limit) + 1) * min(g, limit) * sigmoid(alpha * min(g, limit))),
+// then quantized as scaled_fp8_quant does, or with group_size > 0 (scale None, per_token false) as
+// per_token_group_quant_fp8 does: scales [M, I/group_size] row-major. bias: [E, 2I] float32 in
+// x's column order, row r taking the bias of the expert e with expert_offsets[e] <= r <
+// expert_offsets[e+1] (expert_offsets [E + 1] int64, given with bias).
+inline std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(
+    const at::Tensor& x, const std::optional<at::Tensor>& scale = std::nullopt, bool per_token = false,
+    int64_t group_size = 0, c10::string_view activation = "silu", bool gate_up_interleaved = false,
+    double swiglu_alpha = 1.702, double swiglu_limit = 7.0, const std::optional<at::Tensor>& bias = std::nullopt,
+    const std::optional<at::Tensor>& expert_offsets = std::nullopt) {
   static auto handle = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("moe_kernels::silu_and_mul_quant_fp8", "")
                            .typed<decltype(silu_and_mul_quant_fp8)>();
-  return handle.call(x, scale, per_token, group_size);
+  return handle.call(x, scale, per_token, group_size, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
+                     bias, expert_offsets);
 }
 
 }  // namespace moe_kernels

@@ -27,6 +27,13 @@ from .ops.permute import (  # noqa: E402
 from . import modular  # noqa: E402
 from .ops.gemm import cutlass_grouped_gemm_fp8, cutlass_moe_fp8, grouped_gemm_fp8_configs  # noqa: E402
 from .ops.routing import moe_fused_gate  # noqa: E402
+from .ops.fourbit import (  # noqa: E402
+    cutlass_moe_mxfp4,
+    cutlass_moe_w4a8,
+    grouped_gemm_mxfp4,
+    grouped_gemm_w4a8,
+    w4a8_scales_from_sglang,
+)
 from .ops.quant import (  # noqa: E402
     per_token_group_quant_fp8,
     scaled_fp8_quant,
@@ -42,6 +49,11 @@ __all__ = [
     "cutlass_grouped_gemm_fp8",
     "grouped_gemm_fp8_configs",
     "cutlass_moe_fp8",
+    "cutlass_moe_mxfp4",
+    "cutlass_moe_w4a8",
+    "grouped_gemm_mxfp4",
+    "grouped_gemm_w4a8",
+    "w4a8_scales_from_sglang",
     "moe_fused_gate",
     "compute_problem_sizes",
     "ep_dispatch_plan",

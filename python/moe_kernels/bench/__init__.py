@@ -2,7 +2,8 @@
 the same run: `python -m moe_kernels.bench --help`.
 
 Each benchmark is a module with TOKENS, QUICK_TOKENS and run(ctx: harness.Context) -> rows;
-adding one is a new module and one line in OPS.
+adding one is a new module and one line in OPS. A module with CPU_OK = True also runs without a GPU
+(`host`), and one with steps(ctx) counts its own progress steps.
 """
 
 import importlib
@@ -17,6 +18,10 @@ OPS = {  # name on the command line: module
     "layer": "moe_kernels.bench.layer",
     "layer_block": "moe_kernels.bench.layer_block",
     "hf": "moe_kernels.bench.hf",
+    "gemm_mxfp4": "moe_kernels.bench.gemm_mxfp4",
+    "layer_mxfp4": "moe_kernels.bench.layer_mxfp4",
+    "layer_w4a8": "moe_kernels.bench.layer_w4a8",
+    "host": "moe_kernels.bench.host",
 }
 
 

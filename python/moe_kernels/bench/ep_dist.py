@@ -50,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20, help="timed calls (--small: 3)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--stages", default="check,comm,layer,graph",
-                   help="comma-separated subset of check,comm,layer,graph (graph: CUDA only, run last)")
+                   help="comma-separated subset of check,comm,align,layer,chunked,graph (graph: CUDA only, run "
+                        "last; chunked: the layer with ChunkedAllToAll, align: raw exchange by record size; "
+                        "bench/ep_chunked.py)")
     p.add_argument("--small", action="store_true",
                    help="tiny shapes (E=16, H=256, I=128, T in {8, 32}, 3 iterations): to test the script on CPU")
     p.add_argument("--results", default="bench/results")
@@ -392,11 +394,12 @@ def environment(args, world, device):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init(args)
-    stages = [st for st in ("check", "comm", "layer", "graph") if st in args.stages.split(",")]
+    stages = [st for st in ("check", "comm", "align", "layer", "chunked", "graph") if st in args.stages.split(",")]
     if device.type != "cuda" and "graph" in stages:
         stages.remove("graph")
     results = {"args": vars(args), "errors": {}}
-    runs = {"check": check, "comm": comm, "layer": layer, "graph": graphs}
+    runs = {"check": check, "comm": comm, "layer": layer, "graph": graphs, "chunked": chunked_stage,
+            "align": align_stage}
     try:
         for stage in stages:
             if stage == "graph" and rank == 0:
@@ -446,7 +449,26 @@ def report(results):
     print_table("(b) dispatch + combine vs two raw all_to_all_single of the same bytes (targets: frac_raw >= 0.6 "
                 "at T=4096; capacity x_raw <= 2 at T=128; fp8 dispatch_MB ~ half of bf16)",
                 results.get("comm", []), COMM_COLUMNS)
+    if "align" in results:
+        from moe_kernels.bench import ep_chunked
+        print_table("(align) raw all_to_all_single, variable splits of a real routing by record size vs equal "
+                    "splits", results["align"], ep_chunked.ALIGN_COLUMNS)
+    if "chunked" in results:
+        from moe_kernels.bench import ep_chunked
+        print_table("(chunked) EP layer with ChunkedAllToAll vs unchunked and single GPU (targets: ep/single <= 1.0 "
+                    "at T=4096, <= 0.8 at T <= 1024)", results["chunked"], ep_chunked.COLUMNS)
     print_outcome(results)
+
+
+def chunked_stage(args, rank, world, device):
+    from moe_kernels.bench import ep_chunked
+    return ep_chunked.chunked(args, rank, world, device, fp8_weights=fp8_weights, block_scales=block_scales,
+                              route=route, timed=timed, timed_graph=timed_graph, all_ranks=all_ranks)
+
+
+def align_stage(args, rank, world, device):
+    from moe_kernels.bench import ep_chunked
+    return ep_chunked.alignment(args, rank, world, device, route=route, timed=timed, all_ranks=all_ranks)
 
 
 def print_outcome(results):

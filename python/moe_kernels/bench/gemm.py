@@ -3,7 +3,8 @@ rowwise scales) and torch._grouped_mm (bf16), on the two GEMMs of each model's M
 FP8 dense peak.
 
 FLOPs: 2*M*N*K per grouped GEMM, M = T*K rows spread over E experts by random routing.
-gemm1: N = 2I, K = H; gemm2: N = H, K = I. Context.gemm_configs forces compiled configurations
+Roofline: roofline.grouped_gemm over the experts that own rows (e4m3 A and its scales in, the touched
+experts' e4m3 weights and scales, bf16 out). gemm1: N = 2I, K = H; gemm2: N = H, K = I. Context.gemm_configs forces compiled configurations
 (MOE_KERNELS_GEMM_CONFIG, read on the host at capture time); None is the automatic choice.
 """
 
@@ -11,6 +12,7 @@ import torch
 
 import moe_kernels
 
+from . import roofline
 from .harness import FP8, Context, forced_gemm_config
 
 TOKENS = [16, 128, 1024, 4096, 16384]
@@ -55,9 +57,13 @@ def gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets):
                 "torch_grouped_mm_bf16": lambda: torch._grouped_mm(a16, b16t, offs=offs),
             })
         peers = [k for k in t if k.startswith("torch")]
+        touched = roofline.experts_with_rows(offsets)
+        traffic = {"tensor": roofline.grouped_gemm(M, N, K, touched, roofline.FP8_TENSOR, a_scale_bytes=4),
+                   "rowwise": roofline.grouped_gemm(M, N, K, touched, roofline.FP8_CHANNEL, a_scale_bytes=4 * M)}
         for ours in ("tensor", "rowwise"):
             rows.append(ctx.row(name if ours == "tensor" else f"{name}_rowwise", m, T, t, 2 * M * N * K, "fp8",
-                                ours=ours, peers=peers, config=config or "auto", M=M, N=N, K=K))
+                                ours=ours, peers=peers, traffic=traffic[ours], config=config or "auto",
+                                M=M, N=N, K=K, touched_experts=touched))
     return rows
 
 

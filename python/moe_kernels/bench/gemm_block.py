@@ -4,6 +4,7 @@ against the torch path for such checkpoints: activations dequantized per call, w
 once at load to bf16, torch._grouped_mm.
 
 FLOPs: 2*M*N*K per grouped GEMM, M = T*K rows spread over E experts by random routing.
+Roofline: roofline.grouped_gemm over the experts that own rows (block scales of A and B counted).
 Context.gemm_configs forces compiled configurations (block ones apply to the block call only).
 """
 
@@ -12,6 +13,7 @@ import torch
 import moe_kernels
 
 from .gemm import routed_offsets
+from . import roofline
 from .harness import FP8, Context, forced_gemm_config
 
 TOKENS = [16, 128, 1024, 4096, 16384]
@@ -36,8 +38,10 @@ def gemm_rows(ctx, m, T, name, N, K, b8, b_blk, b16t, offsets):
                 "torch_dequant_grouped_mm": lambda: torch._grouped_mm(a8.to(torch.bfloat16) * a_expand, b16t,
                                                                       offs=offs),
             })
-        rows.append(ctx.row(f"{name}_block", m, T, t, 2 * M * N * K, "fp8", ours="block",
-                            config=config or "auto", M=M, N=N, K=K))
+        touched = roofline.experts_with_rows(offsets)
+        traffic = roofline.grouped_gemm(M, N, K, touched, roofline.FP8_BLOCK, a_scale_bytes=4 * M * (K // BLOCK))
+        rows.append(ctx.row(f"{name}_block", m, T, t, 2 * M * N * K, "fp8", ours="block", traffic=traffic,
+                            config=config or "auto", M=M, N=N, K=K, touched_experts=touched))
     return rows
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .models import Model
+from .roofline import Traffic
 
 L2_ROTATION_BYTES = 256 << 20  # rotate inputs until this many bytes: several times the H100/H200 L2
 FP8 = torch.float8_e4m3fn
@@ -166,6 +167,44 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> Tuple[float, dict]:
     return max(rates.values()), details
 
 
+def read_forms(x: torch.Tensor) -> Dict[str, Callable]:
+    """Ways to read all of x (fp32, contiguous) through an SM kernel that writes almost nothing:
+    PyTorch's reductions. A reduction reads each byte once with vectorized loads from every SM and
+    writes one value per output (a scalar, or one per 64 KiB row), and its arithmetic per byte is
+    negligible, so its rate is what the memory system gives SMs that only read: the stream a GEMM's
+    weights are (read once, never written). No op of ours is needed, and no copy engine takes part
+    (a memcpy node would both read and write)."""
+    rows = x.view(-1, 16384)
+    return {
+        "sum fp32": lambda: torch.sum(x),
+        "amax bf16": lambda: torch.amax(x.view(torch.bfloat16)),
+        "sum rows fp32": lambda: rows.sum(dim=1),
+    }
+
+
+def read_bandwidth(nbytes: int = 1 << 30) -> Tuple[float, dict]:
+    """The read ceiling in bytes/s, counting bytes read: the best of read_forms over a buffer of
+    nbytes (far larger than L2, so every replay reads from memory)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_(-1, 1)
+    kernels = {name: _kernel_names(fn) for name, fn in read_forms(x[: 1 << 20]).items()}
+    t = measure(read_forms(x), reps=10, rounds=2)
+    rates = {name: nbytes / s for name, s in t.items() if isinstance(s, float)}
+    if not rates:
+        raise RuntimeError(f"read ceiling: no read-only kernel could be timed: {dict(t)}")
+    return max(rates.values()), {"forms_Bps": rates, "kernels": kernels, "buffer_bytes": nbytes,
+                                 "how": "torch reductions (sum, amax) over a 1 GiB tensor: SM kernels that "
+                                        "only read"}
+
+
+def bf16_peak() -> Tuple[float, dict]:
+    """Dense bf16 FLOP/s: torch.mm at 8192^3 (the ceiling of the kernels that run bf16 MMAs, such
+    as the W4A16 GEMMs, which convert 4-bit weights to bf16 in registers)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = measure({"mm": lambda: torch.mm(a, b)}, reps=10, rounds=1)["mm"]
+    return 2 * 8192**3 / t, {"how": "torch.mm 8192^3, bf16"}
+
+
 def fp8_peak() -> Tuple[float, dict]:
     """Dense FP8 FLOP/s: torch._scaled_mm at 8192^3 with fast accumulation."""
     a = torch.randn(8192, 8192, device="cuda").to(FP8)
@@ -178,7 +217,9 @@ def fp8_peak() -> Tuple[float, dict]:
 
 CEILINGS = {  # name: (how it is measured, unit of the rate it bounds)
     "copy": (copy_bandwidth, "GB/s"),
+    "read": (read_bandwidth, "GB/s"),
     "fp8": (fp8_peak, "TFLOP/s"),
+    "bf16": (bf16_peak, "TFLOP/s"),
 }
 UNIT_SCALE = {"GB/s": 1e9, "TFLOP/s": 1e12}
 
@@ -236,23 +277,42 @@ class Context:
     def measure(self, fns: Dict[str, Callable], arg_sets: Sequence[tuple] = ((),)) -> Times:
         return measure(fns, arg_sets, reps=self.reps, rounds=self.rounds)
 
+    def roof_us(self, traffic: Traffic, compute: str = "fp8") -> float:
+        """The roofline time of `traffic` in microseconds: bytes read at the read ceiling plus bytes
+        written at the copy ceiling, or the FLOPs at the `compute` peak ("fp8" or "bf16"),
+        whichever is larger (roofline.py says what is counted)."""
+        # The copy ceiling counts read + write bytes at one rate: a written byte costs what a
+        # copied byte costs (its read is counted separately, at the read ceiling).
+        return 1e6 * traffic.roof_s(self.ceiling("read"), self.ceiling("copy"), self.ceiling(compute))
+
     def row(self, op: str, model: Model, T: int, times: Times, work: Optional[float] = None,
             ceiling: Optional[str] = None, ours: str = "ours", peers: Optional[Sequence[str]] = None,
-            **extra) -> dict:
+            traffic: Optional[Traffic] = None, compute: str = "fp8", **extra) -> dict:
         """One result row: our time (times[ours]), the rate and fraction of `ceiling` for `work`
-        (bytes for "copy", FLOPs for "fp8"), and each peer (default: every other contender) with
-        its time and the ratio peer / ours (above 1: we are faster)."""
+        (bytes for "copy", FLOPs for "fp8"), the roofline of `traffic` (roof_us, and roof = roof_us /
+        us: 1.0 is the floor; FLOPs against the `compute` peak) and each peer (default: every other
+        contender) with its time and the ratio peer / ours (above 1: we are faster). A fraction
+        above 1.0 of a ceiling or of the roofline marks the row ceiling_suspect."""
         t = times[ours]
         ok = isinstance(t, float)
         r = {"op": op, "model": model.name, "T": T, "us": t * 1e6 if ok else None}
         if not ok:
             r["error"] = t
+        suspect = False
         if ceiling is not None and work is not None and ok:
             unit = CEILINGS[ceiling][1]
             rate = work / t
             r.update({"rate": rate / UNIT_SCALE[unit], "unit": unit, "ceiling": ceiling,
                       "frac": rate / self.ceiling(ceiling)})
-            r["ceiling_suspect"] = r["frac"] > 1.0
+            suspect = r["frac"] > 1.0
+        if traffic is not None:
+            r.update({"roof_us": self.roof_us(traffic, compute), "roof_compute": compute,
+                      "bytes_read": traffic.read, "bytes_written": traffic.written, "flops": traffic.flops})
+            if ok:
+                r["roof"] = r["roof_us"] / r["us"]
+                suspect = suspect or r["roof"] > 1.0
+        if ok and (ceiling is not None and work is not None or traffic is not None):
+            r["ceiling_suspect"] = suspect
         peer_us, speedup, notes = {}, {}, {}
         for name in peers if peers is not None else [n for n in times if n != ours]:
             p = times[name]

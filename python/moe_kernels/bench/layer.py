@@ -1,10 +1,15 @@
-"""The whole FP8 expert layer (cutlass_moe_fp8: quantize, permute, GEMM1, silu*mul + quantize,
+"""The whole FP8 expert layer (cutlass_moe_fp8: quantize, permute, GEMM1, activation + quantize,
 GEMM2, weighted unpermute) against the layers a user writes from torch ops alone (FP8 through
 torch._scaled_grouped_mm, bf16 through torch._grouped_mm) and Hugging Face transformers' bf16
-experts backends (grouped_mm, batched_mm; "n/a" without transformers), with the time of each of
-its steps on the same routing, and the FP8 dense peak.
+experts backends (grouped_mm, batched_mm; "n/a" without transformers; SwiGLU experts only), with
+the time of each of its steps on the same routing, and the FP8 dense peak.
 
-FLOPs: 6*M*H*I (GEMM1 2*M*2I*H + GEMM2 2*M*H*I), M = T*K.
+Each model's own experts: silu(gate) * up, or gpt-oss's "swigluoai" on interleaved gate/up rows with
+fp32 biases on both GEMMs (rows skipped, saying so, where this build's cutlass_moe_fp8 lacks those
+keywords).
+
+FLOPs: 6*M*H*I (GEMM1 2*M*2I*H + GEMM2 2*M*H*I), M = T*K. Roofline: roofline.moe_layer with the
+experts the row's routing touches (per-expert fp8 weight scales, biases where the model has them).
 """
 
 import torch
@@ -12,9 +17,9 @@ import torch.nn.functional as F
 
 import moe_kernels
 
-from . import hf_experts
+from . import features, hf_experts, roofline
 from .gemm import routed_offsets
-from .harness import FP8, Context
+from .harness import FP8, Context, Times
 
 # Every contender's CUDA graph holds its intermediates at once: beyond 4096 tokens DeepSeek-V3's
 # (34 GB of bf16 + fp8 weights, ~10 GB per torch layer) would not fit an 80 GB H100.
@@ -40,47 +45,82 @@ def _plain_unpermute(o, order, w):
     return (out.view(T, K, -1).float() * w.unsqueeze(-1)).sum(1)
 
 
+def gated(h, activation="silu", gate_up_interleaved=False, alpha=1.702, limit=7.0):
+    """The gated activation of GEMM1's output h [M, 2I] in plain torch (the formulas of DESIGN.md):
+    silu(gate) * up, gelu(gate) * up (exact erf GELU), or gpt-oss's swigluoai
+    (up + 1) * g * sigmoid(alpha * g) with g = min(gate, limit), up clamped to [-limit, limit]."""
+    if gate_up_interleaved:
+        gate, up = h[:, 0::2], h[:, 1::2]
+    else:
+        gate, up = h.chunk(2, dim=-1)
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(gate) * up
+    if activation == "swigluoai":
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(alpha * gate)
+    raise ValueError(f"gated: unknown activation {activation!r}")
+
+
+def _row_bias(bias, ids, order):
+    """bias [E, N] of each permuted row's expert (rows in `order`), or 0 without a bias."""
+    if bias is None:
+        return 0
+    return bias.index_select(0, ids.view(-1).long()[order]).to(torch.bfloat16)
+
+
 def quant_rows(x):
     """Per-row fp8 quantization in plain torch: (q, scale [rows])."""
     s = (x.abs().amax(dim=1).float() / 448.0).clamp(min=1e-12)
     return (x.float() / s[:, None]).clamp(-448, 448).to(FP8), s
 
 
-def torch_fp8_layer(x, w1, w2, s1, s2, w, ids, E):
-    """Plain permute, per-token quant, torch._scaled_grouped_mm (rowwise), silu*mul, requant,
-    torch._scaled_grouped_mm, unpermute: the fp8 layer a user writes from torch ops alone."""
+def torch_fp8_layer(x, w1, w2, s1, s2, w, ids, E, act=None, b1=None, b2=None):
+    """Plain permute, per-token quant, torch._scaled_grouped_mm (rowwise), the gated activation
+    (act: gated()'s keywords; default silu), requant, torch._scaled_grouped_mm, unpermute: the fp8
+    layer a user writes from torch ops alone. b1, b2: fp32 biases [E, 2I], [E, H] or None."""
     K = ids.shape[1]
     order, offs = _plain_permute(ids, E)
     xq, xs = quant_rows(x)
     h = torch._scaled_grouped_mm(xq.index_select(0, order // K), w1.transpose(1, 2), xs[order // K], s1, offs=offs,
-                                 out_dtype=torch.bfloat16, use_fast_accum=True)
-    I = w2.shape[2]
-    yq, ys = quant_rows(F.silu(h[:, :I]) * h[:, I:])
+                                 out_dtype=torch.bfloat16, use_fast_accum=True) + _row_bias(b1, ids, order)
+    yq, ys = quant_rows(gated(h, **(act or {})))
     o = torch._scaled_grouped_mm(yq, w2.transpose(1, 2), ys, s2, offs=offs, out_dtype=torch.bfloat16,
-                                 use_fast_accum=True)
+                                 use_fast_accum=True) + _row_bias(b2, ids, order)
     return _plain_unpermute(o, order, w).to(x.dtype)
 
 
-def torch_bf16_layer(x, w1, w2, w, ids, E):
-    """Plain permute (argsort + index_select), torch._grouped_mm, silu*mul, unpermute."""
+def torch_bf16_layer(x, w1, w2, w, ids, E, act=None, b1=None, b2=None):
+    """Plain permute (argsort + index_select), torch._grouped_mm, the gated activation (act:
+    gated()'s keywords; default silu), torch._grouped_mm, unpermute; b1, b2 as torch_fp8_layer."""
     K = ids.shape[1]
     order, offs = _plain_permute(ids, E)
-    h = torch._grouped_mm(x.index_select(0, order // K), w1.transpose(1, 2), offs=offs)
-    I = w2.shape[2]
-    o = torch._grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)
+    h = torch._grouped_mm(x.index_select(0, order // K), w1.transpose(1, 2), offs=offs) + _row_bias(b1, ids, order)
+    o = torch._grouped_mm(gated(h, **(act or {})), w2.transpose(1, 2), offs=offs) + _row_bias(b2, ids, order)
     return _plain_unpermute(o, order, w).to(x.dtype)
+
+
+def biases(m):
+    """fp32 expert biases (b1 [E, 2I], b2 [E, H]) where the model has them, else (None, None)."""
+    if not m.expert_bias:
+        return None, None
+    return (torch.randn(m.E, 2 * m.I, device="cuda") * 0.1, torch.randn(m.E, m.H, device="cuda") * 0.1)
 
 
 def weights(m):
-    """bf16 weights (the bf16 peers) and their fp8 copies: w1 [E, 2I, H], w2 [E, H, I]."""
+    """bf16 weights (the bf16 peers), their fp8 copies (w1 [E, 2I, H], w2 [E, H, I]) and the
+    model's expert biases."""
     w1b = torch.randn(m.E, 2 * m.I, m.H, device="cuda", dtype=torch.bfloat16).mul_(0.05)
     w2b = torch.randn(m.E, m.H, m.I, device="cuda", dtype=torch.bfloat16).mul_(0.05)
-    return w1b, w2b, w1b.to(FP8), w2b.to(FP8)
+    return (w1b, w2b, w1b.to(FP8), w2b.to(FP8), *biases(m))
 
 
 def hf_peer(impl, m, T, w1b, w2b, x, ids, w):
     """HF's `impl` backend as a callable of no arguments, checked against the bf16 torch layer on
     these inputs (a wrongly called peer would be timed on wrong work); or why it is n/a."""
+    if m.layer_kwargs() or m.expert_bias:
+        return "n/a (the HF peer runs SwiGLU experts without biases only)"
     if impl == "batched_mm":  # it gathers each choice's expert weights: T*K copies of w1 and w2
         need = T * m.K * 3 * m.I * m.H * 2
         if need > torch.cuda.mem_get_info()[0] // 4:
@@ -100,7 +140,7 @@ def hf_peer(impl, m, T, w1b, w2b, x, ids, w):
     return lambda: fn(x, ids64, wb)
 
 
-def layer_row(ctx, m, T, w1b, w2b, w1, w2):
+def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     E, K, H, I = m.E, m.K, m.H, m.I
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     s = torch.ones(E, device="cuda")
@@ -108,6 +148,15 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2):
     offsets, ids = routed_offsets(T, K, E)
     w = torch.rand(T, K, device="cuda")
     M = T * K
+    traffic = roofline.moe_layer(T, K, H, I, roofline.touched_experts(ids, E), roofline.FP8_TENSOR,
+                                 biases=m.expert_bias)
+    act = m.layer_kwargs()
+    kw = dict(act, **({"w1_bias": b1, "w2_bias": b2} if m.expert_bias else {}))
+    skipped = features.missing("cutlass_moe_fp8", *features.layer_needs(m), where="activation keywords: branch act")
+    if skipped:
+        t = Times()
+        t["ours"] = skipped
+        return ctx.row("layer", m, T, t, peers=[], traffic=traffic)
     sr1, sr2 = torch.ones(E, 2 * I, device="cuda"), torch.ones(E, H, device="cuda")
     # The layer's steps alone, on this routing and the layer's scales.
     xq = torch.randn(M, H, device="cuda").to(FP8)
@@ -116,17 +165,19 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2):
     h2 = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
     xq_tokens, _ = moe_kernels.scaled_fp8_quant(x, a1)
     _, _, inv, _ = moe_kernels.moe_permute(xq_tokens, ids, E)
+    # The activation step with the model's activation where the op takes it (else silu's time).
+    act_quant = act if features.accepts("silu_and_mul_quant_fp8", *act) else {}
     hf = {f"hf_{impl}": hf_peer(impl, m, T, w1b, w2b, x, ids, w) for impl in ("grouped_mm", "batched_mm")}
     t = ctx.measure({
-        "ours": lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2),
-        "torch_fp8": lambda: torch_fp8_layer(x, w1, w2, sr1, sr2, w, ids, E),
-        "torch_bf16": lambda: torch_bf16_layer(x, w1b, w2b, w, ids, E),
+        "ours": lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2, **kw),
+        "torch_fp8": lambda: torch_fp8_layer(x, w1, w2, sr1, sr2, w, ids, E, act, b1, b2),
+        "torch_bf16": lambda: torch_bf16_layer(x, w1b, w2b, w, ids, E, act, b1, b2),
         **{name: fn for name, fn in hf.items() if not isinstance(fn, str)},
         "gemm1": lambda: moe_kernels.cutlass_grouped_gemm_fp8(xq, w1, a1, s, offsets),
         "gemm2": lambda: moe_kernels.cutlass_grouped_gemm_fp8(yq, w2, a2, s, offsets),
         "quant": lambda: moe_kernels.scaled_fp8_quant(x, a1),
         "permute": lambda: moe_kernels.moe_permute(xq_tokens, ids, E),
-        "silu_quant": lambda: moe_kernels.silu_and_mul_quant_fp8(h1, a2),
+        "silu_quant": lambda: moe_kernels.silu_and_mul_quant_fp8(h1, a2, **act_quant),
         "unpermute": lambda: moe_kernels.moe_unpermute(h2, w, inv),
     })
     steps = {f"{k}_us": t[k] * 1e6 if isinstance(t[k], float) else None for k in STEPS}
@@ -134,8 +185,12 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2):
     if all(isinstance(t[k], float) for k in ("ours", "gemm1", "gemm2")):
         gemm_share = (t["gemm1"] + t["gemm2"]) / t["ours"]
     t.update({name: why for name, why in hf.items() if isinstance(why, str)})
-    return ctx.row("layer", m, T, t, 6 * M * H * I, "fp8", peers=PEERS,
-                   gemm_share=gemm_share, **steps)
+    extra = {"activation": m.activation, "gate_up_interleaved": m.gate_up_interleaved,
+             "expert_bias": m.expert_bias} if (act or m.expert_bias) else {}
+    if act and not act_quant:
+        extra["silu_quant_note"] = "silu_and_mul_quant_fp8 takes no activation keyword in this build: silu's time"
+    return ctx.row("layer", m, T, t, 6 * M * H * I, "fp8", peers=PEERS, traffic=traffic,
+                   gemm_share=gemm_share, **steps, **extra)
 
 
 def run(ctx: Context) -> list:

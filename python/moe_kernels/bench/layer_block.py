@@ -4,7 +4,8 @@ bf16 torch layer (torch._grouped_mm) on the same routing, and the new quantize +
 (per_token_group_quant_fp8, then moe_permute moving rows and scales in one pass) against the old
 one (per-token scaled_fp8_quant, moe_permute, index_select of the scales).
 
-FLOPs of a layer: 6*M*H*I, M = T*K. Bytes of quantize + permute: what its two kernels read and
+FLOPs of a layer: 6*M*H*I, M = T*K. Roofline of a layer: roofline.moe_layer with the experts the
+routing touches (128x128 block scales counted). Bytes of quantize + permute: what its two kernels read and
 write (bf16 rows in, e4m3 rows out and back in, K e4m3 copies out, fp32 scales and int32 indices).
 """
 
@@ -13,6 +14,7 @@ import torch
 import moe_kernels
 
 from .gemm import routed_offsets
+from . import roofline
 from .harness import FP8, Context
 from .layer import torch_bf16_layer
 
@@ -43,7 +45,8 @@ def rows(ctx, m, T, w1b, w2b, w1, w2, s1, s2):
         "torch_bf16": lambda: torch_bf16_layer(x, w1b, w2b, w, ids, E),
     })
     M = T * K
-    out = [ctx.row("layer_block", m, T, t, 6 * M * H * I, "fp8", ours="block")]
+    traffic = roofline.moe_layer(T, K, H, I, roofline.touched_experts(ids, E), roofline.FP8_BLOCK)
+    out = [ctx.row("layer_block", m, T, t, 6 * M * H * I, "fp8", ours="block", traffic=traffic)]
 
     def new_step():
         q, s = moe_kernels.per_token_group_quant_fp8(x, BLOCK)

@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -32,6 +33,9 @@ def environment() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update({"device": props.name, "sm_count": props.multi_processor_count})
+    # Host timings depend on the CPU and on what else runs on it.
+    env.update({"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None})
     return env
 
 
@@ -68,13 +72,22 @@ def cells(r: dict) -> List[str]:
     frac = f"{r['frac']:.2f} {r['ceiling']}" if r.get("frac") is not None else "-"
     if r.get("ceiling_suspect"):
         frac += f" {SUSPECT}"
+    roof = "-"
+    if r.get("roof_us") is not None:
+        roof = f"{r['roof']:.2f} of {_num(r['roof_us'])}us" if r.get("roof") is not None else f"{_num(r['roof_us'])}us"
+        if r.get("roof") is not None and r["roof"] > 1.0:
+            roof += f" {SUSPECT}"
     peers = "  ".join(f"{name} {_num(x)}x" if x is not None else f"{name} n/a"
                       for name, x in r.get("speedup", {}).items())
+    if r.get("wrapper_us") is not None or r.get("p90_us") is not None:  # host rows
+        peers = f"wrapper {_num(r.get('wrapper_us'))} us, p10 {_num(r.get('p10_us'))} p90 {_num(r.get('p90_us'))}"
     us = _num(r["us"]) if r.get("us") is not None else f"error: {r.get('error', '?')}"
-    return [r["op"], r["model"], str(r["T"]), us, rate, frac, peers]
+    if r.get("us") is None and str(r.get("error", "")).startswith("skipped"):
+        us, peers = "skipped", str(r["error"])[len("skipped: "):]  # the reason last: the columns stay narrow
+    return [r["op"], r["model"], str(r["T"]), us, rate, frac, roof, peers]
 
 
-HEADER = ["op", "model", "T", "us", "rate", "of ceiling", "peer time / ours"]
+HEADER = ["op", "model", "T", "us", "rate", "of ceiling", "of roofline", "peer time / ours"]
 
 
 def format_table(rows: List[dict]) -> str:
@@ -91,6 +104,16 @@ def suspects(rows: List[dict]) -> List[dict]:
     return [r for r in rows if r.get("ceiling_suspect")]
 
 
+def suspect_text(r: dict) -> str:
+    """Which fraction of a suspect row is above 1.0."""
+    parts = []
+    if r.get("frac") is not None and r["frac"] > 1.0:
+        parts.append(f"{r['frac']:.2f} of {r['ceiling']}")
+    if r.get("roof") is not None and r["roof"] > 1.0:
+        parts.append(f"{r['roof']:.2f} of its roofline ({r['roof_us']:.3g} us)")
+    return f"{r['op']} {r['model']} T={r['T']}: " + ", ".join(parts)
+
+
 def ceiling_text(name: str, value: float, details: Optional[dict] = None) -> str:
     details = details or {}
     if name == "copy":
@@ -98,4 +121,7 @@ def ceiling_text(name: str, value: float, details: Optional[dict] = None) -> str
         memcpy = details.get("graph_memcpy_Bps")
         memcpy = f"; graph memcpy {memcpy / 1e9:.0f} GB/s, not used" if isinstance(memcpy, float) else ""
         return f"{value / 1e9:.0f} GB/s read + write, best SM copy kernel of: {forms}{memcpy}"
+    if name == "read":
+        forms = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in details.get("forms_Bps", {}).items())
+        return f"{value / 1e9:.0f} GB/s read only, best SM reduction of: {forms}"
     return f"{value / 1e12:.0f} TFLOP/s ({details.get('how', '')})"

@@ -1,14 +1,17 @@
 """The FP8 experts forwards for HF transformers: "moe_kernels_fp8" (bf16/fp16/fp32 weights
 quantized once per output channel) and, for FP8 checkpoints (HF's FP8Experts), "moe_kernels"
 (the checkpoint's e4m3 weights with their 128x128 block scales). Both run cutlass_moe_fp8, whose
-fused activation computes silu(gate) * up on the two halves of GEMM1's output: experts with any
-other gate are rejected with an error naming what the module declares.
+fused activation computes silu, exact-erf gelu or gpt-oss's swigluoai on GEMM1's output (gate and
+up as two halves or interleaved), with the experts' biases added in fp32: experts with any other
+gate are rejected with an error naming what the module declares.
 """
 
+import math
 import weakref
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.gemm import cutlass_moe_fp8
@@ -21,9 +24,44 @@ BLOCK_FP8_ISSUE = "issue 10 (block-scaled FP8 cutlass_moe_fp8)"
 _CACHE_ATTR = "_moe_kernels_fp8_cache"
 
 
-def _is_silu(act) -> bool:
+class GateSpec(NamedTuple):
+    """What cutlass_moe_fp8 computes between its GEMMs (its activation keywords)."""
+
+    activation: str = "silu"
+    gate_up_interleaved: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    def keywords(self) -> dict:
+        return dict(activation=self.activation, gate_up_interleaved=self.gate_up_interleaved,
+                    swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit)
+
+    def formula(self, h: Tensor) -> Tensor:
+        """The activation in plain torch on GEMM1's output h [.., 2I] (the spec a module's gate is
+        checked against)."""
+        g, u = (h[..., 0::2], h[..., 1::2]) if self.gate_up_interleaved else h.chunk(2, dim=-1)
+        if self.activation == "silu":
+            return F.silu(g) * u
+        if self.activation == "gelu":
+            return F.gelu(g) * u
+        g = g.clamp(max=self.swiglu_limit)
+        u = u.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return (u + 1) * (g * torch.sigmoid(g * self.swiglu_alpha))
+
+
+def _act_name(act) -> Optional[str]:
+    """The activation of an act_fn module that the fused op computes exactly, or None."""
+    name = type(act).__name__
     # transformers' ACT2FN["silu"] is its own SiLUActivation class; "swish" gives torch's nn.SiLU.
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    if isinstance(act, torch.nn.SiLU) or name == "SiLUActivation":
+        return "silu"
+    # ACT2FN["gelu"] / ["gelu_python"]: GELUActivation, the erf GELU; nn.GELU() likewise. The tanh
+    # approximations (gelu_pytorch_tanh, gelu_new, gelu_fast) are other functions.
+    if isinstance(act, torch.nn.GELU) and act.approximate == "none":
+        return "gelu"
+    if name == "GELUActivation":
+        return "gelu"
+    return None
 
 
 def _hf_default_gate():
@@ -32,47 +70,82 @@ def _hf_default_gate():
     return getattr(moe, "_default_apply_gate", None)
 
 
-def _custom_gate_reason(module: torch.nn.Module) -> Optional[str]:
-    """Why the module's _apply_gate is not plain act(gate) * up on two halves, or None."""
-    cls = type(module)
-    gate_fn = getattr(cls, "_apply_gate", None)
-    if gate_fn is None or gate_fn is _hf_default_gate():
+def _swiglu_constants(module: torch.nn.Module) -> Optional[Tuple[float, float]]:
+    """(alpha, limit) declared by a module with a clamped SwiGLU (gpt-oss's ``alpha`` / ``limit``,
+    FP8Experts' ``swiglu_alpha`` / ``limit``), or None."""
+    alpha = getattr(module, "alpha", None)
+    if alpha is None:
+        alpha = getattr(module, "swiglu_alpha", None)
+    limit = getattr(module, "limit", None)
+    if limit is None:
+        limit = getattr(module, "swiglu_limit", None)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         return None
-    if cls.__name__ == "FP8Experts" or any(c.__name__ == "FP8Experts" for c in cls.__mro__):
-        # FP8Experts' own gate reduces to act(gate) * up unless the config sets one of these.
-        set_options = [name for name in ("gate_softcap", "up_softcap", "swiglu_alpha", "limit")
-                       if getattr(module, name, None) is not None]
-        if not set_options:
-            return None
-        return f"a modified SwiGLU ({', '.join(set_options)} set in the config)"
-    return f"its own gate function {cls.__name__}._apply_gate"
+    return float(alpha), (float(limit) if isinstance(limit, (int, float)) else math.inf)
 
 
-def require_silu_gated(module: torch.nn.Module, layout: ExpertsLayout, implementation: str) -> None:
-    """Raises ValueError unless the experts compute silu(gate) * up on concatenated halves with no
-    bias and no post-expert norm: what cutlass_moe_fp8's fused activation computes."""
+def _gate_matches(module: torch.nn.Module, spec: GateSpec) -> bool:
+    """Whether the module's own _apply_gate computes spec's formula: both on the same fp32 probe
+    (values up to +-40, beyond any clamp), compared to 1e-5 (a different activation, layout or
+    constant is off by far more)."""
+    probe = torch.randn(8, 2 * 24, generator=torch.Generator().manual_seed(0)) * 10
+    try:
+        with torch.no_grad():
+            got = module._apply_gate(probe.clone())
+    except Exception:  # a gate that needs something else (a device, a shape): not recognized
+        return False
+    want = spec.formula(probe)
+    return (isinstance(got, Tensor) and got.shape == want.shape
+            and torch.allclose(got.float(), want, rtol=1e-5, atol=1e-6, equal_nan=True))
+
+
+@torch.compiler.disable  # a probe on the CPU, once per module
+def gate_spec(module: torch.nn.Module, layout: ExpertsLayout, implementation: str) -> GateSpec:
+    """The activation keywords of cutlass_moe_fp8 that compute the module's gate, or ValueError
+    naming what it declares. Recognized:
+
+    - HF's default gate, ``act_fn(gate) * up`` on the two halves, with act_fn SiLU or the erf GELU;
+    - a gate of the module's own (gpt-oss's GptOssExperts, FP8Experts with ``swiglu_alpha``, any
+      class with ``alpha``/``limit`` or ``swiglu_alpha``/``swiglu_limit``) that computes silu,
+      gelu or swigluoai on halves or interleaved values, checked by running it once on a probe
+      against the formula (cached on the module).
+    """
+    cache = module.__dict__.setdefault(_CACHE_ATTR, {})
+    if "gate_spec" in cache:
+        return cache["gate_spec"]
     name = type(module).__name__
     prefix = f'experts implementation "{implementation}": {name}'
     fix = 'use the "moe_kernels" implementation (bf16) for these experts'
+    supported = "silu(gate) * up, gelu(gate) * up (exact erf) and swigluoai (gpt-oss)"
     if not layout.has_gate:
-        raise ValueError(f"{prefix} has no gate (has_gate=False, act(up) only); only silu(gate) * up "
-                         f"experts are supported; {fix}")
-    reason = _custom_gate_reason(module)  # first: a gate of its own may not use act_fn at all
-    if reason is not None:
-        raise ValueError(f"{prefix} uses {reason}; only silu(gate) * up is supported; {fix}")
-    act = getattr(module, "act_fn", None)
-    if not _is_silu(act):
-        hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
-        declared = f" (config.hidden_act={hidden_act!r})" if hidden_act is not None else ""
-        raise ValueError(f"{prefix} uses the activation {type(act).__name__}{declared}; only SiLU-gated "
-                         f"experts (silu(gate) * up) are supported; {fix}")
-    if not layout.is_concatenated:
-        raise ValueError(f"{prefix} stores gate and up interleaved (is_concatenated=False); only the "
-                         f"concatenated [gate; up] layout is supported; {fix}")
-    if layout.has_bias:
-        raise ValueError(f"{prefix} has biases (has_bias=True), which the FP8 layer does not add; {fix}")
+        raise ValueError(f"{prefix} has no gate (has_gate=False, act(up) only); only gated experts "
+                         f"({supported}) are supported; {fix}")
     if layout.has_post_expert_norm:
         raise ValueError(f"{prefix} has a post-expert norm (has_post_expert_norm=True); {fix}")
+    gate_fn = getattr(type(module), "_apply_gate", None)
+    act = getattr(module, "act_fn", None)
+    act_name = _act_name(act) if act is not None else None
+    if gate_fn is None or gate_fn is _hf_default_gate():
+        if act_name is None:
+            hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
+            declared = f" (config.hidden_act={hidden_act!r})" if hidden_act is not None else ""
+            raise ValueError(f"{prefix} uses the activation {type(act).__name__}{declared}; only {supported} are "
+                             f"supported; {fix}")
+        spec = GateSpec(act_name)
+    else:
+        candidates = []
+        constants = _swiglu_constants(module)
+        for interleaved in (not layout.is_concatenated, layout.is_concatenated):
+            if constants is not None:
+                candidates.append(GateSpec("swigluoai", interleaved, *constants))
+            if act_name is not None:
+                candidates.append(GateSpec(act_name, interleaved))
+        spec = next((c for c in candidates if _gate_matches(module, c)), None)
+        if spec is None:
+            raise ValueError(f"{prefix} uses its own gate function {name}._apply_gate, which does not compute "
+                             f"{supported} on its inputs (checked on a probe); {fix}")
+    cache["gate_spec"] = spec
+    return spec
 
 
 def _activation_input(hidden_states: Tensor) -> Tensor:
@@ -132,18 +205,36 @@ def per_channel_fp8_weights(module: torch.nn.Module, layout: ExpertsLayout):
     return _cached(module, f"per_channel_transposed={layout.is_transposed}", (w_up, w_down), quantize)
 
 
+@torch.compiler.disable  # reads data pointers and versions: runs eagerly, outside any graph
+def fp32_biases(module: torch.nn.Module, layout: ExpertsLayout) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(gate_up_proj_bias [E, 2I], down_proj_bias [E, H]) as float32 (kept in fp32, not
+    quantized), or (None, None) without has_bias; converted once and cached while the
+    parameters stay the same."""
+    if not layout.has_bias:
+        return None, None
+    b1, b2 = module.gate_up_proj_bias, module.down_proj_bias
+    if b1.dtype == torch.float32 and b2.dtype == torch.float32 and b1.is_contiguous() and b2.is_contiguous():
+        return b1.detach(), b2.detach()
+    return _cached(module, "biases_float32", (b1, b2),
+                   lambda: (b1.detach().float().contiguous(), b2.detach().float().contiguous()))
+
+
 def moe_kernels_fp8_experts_forward(module: torch.nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                                     top_k_weights: Tensor) -> Tensor:
     """ExpertsInterface "moe_kernels_fp8": weights quantized to e4m3 once per output channel
-    (cached on the module, refreshed when the weights change), tokens quantized per token on the
-    fly, cutlass_moe_fp8. Returns [T, H] in hidden_states' dtype."""
+    (cached on the module, refreshed when the weights change), biases kept in fp32, tokens
+    quantized per token on the fly, the module's gate as cutlass_moe_fp8's activation (see
+    gate_spec: silu, gelu or gpt-oss's swigluoai; halves or interleaved). Returns [T, H] in
+    hidden_states' dtype."""
     layout = ExpertsLayout.of(module)
-    require_silu_gated(module, layout, "moe_kernels_fp8")
+    spec = gate_spec(module, layout, "moe_kernels_fp8")
     (w1, w1_scale), (w2, w2_scale) = per_channel_fp8_weights(module, layout)
+    b1, b2 = fp32_biases(module, layout)
     x = _activation_input(hidden_states)
     _, expert_map, num_local = routing_space(module, layout, x.device)
     out = cutlass_moe_fp8(x, w1, w2, top_k_weights.float().contiguous(), top_k_index.contiguous(), w1_scale, w2_scale,
-                          per_act_token=True, per_out_ch=True, expert_map=expert_map, num_local_experts=num_local)
+                          per_act_token=True, per_out_ch=True, expert_map=expert_map, num_local_experts=num_local,
+                          w1_bias=b1, w2_bias=b2, **spec.keywords())
     return out.to(hidden_states.dtype)
 
 
@@ -207,7 +298,7 @@ def moe_kernels_fp8_block_experts_forward(module: torch.nn.Module, hidden_states
     cutlass_moe_fp8; tokens quantized per token per 128 columns inside. Returns [T, H] in
     hidden_states' dtype."""
     layout = ExpertsLayout.of(module)
-    require_silu_gated(module, layout, "moe_kernels")
+    spec = gate_spec(module, layout, "moe_kernels")
     require_block_fp8_checkpoint(module)
     if not block_fp8_supported():
         raise NotImplementedError(
@@ -216,7 +307,8 @@ def moe_kernels_fp8_block_experts_forward(module: torch.nn.Module, hidden_states
     w1_scale, w2_scale = float32_block_scales(module)
     x = _activation_input(hidden_states)
     _, expert_map, num_local = routing_space(module, layout, x.device)
+    b1, b2 = fp32_biases(module, layout)
     out = cutlass_moe_fp8(x, module.gate_up_proj, module.down_proj, top_k_weights.float().contiguous(),
                           top_k_index.contiguous(), w1_scale, w2_scale, expert_map=expert_map,
-                          num_local_experts=num_local)
+                          num_local_experts=num_local, w1_bias=b1, w2_bias=b2, **spec.keywords())
     return out.to(hidden_states.dtype)

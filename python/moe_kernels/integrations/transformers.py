@@ -16,8 +16,12 @@ Names registered (transformers >= 5.0, whose MoE models dispatch their experts m
   concatenated or interleaved through the module's gate, post-expert norm, expert parallelism).
 - ExpertsInterface "moe_kernels_fp8": weights quantized to e4m3 once per output channel and
   cached on the module (refreshed when they change), tokens per token, cutlass_moe_fp8.
-  SiLU-gated experts only (silu(gate) * up, concatenated, no bias): anything else is an error
-  naming it.
+  Gates silu, exact gelu and gpt-oss's swigluoai, halves or interleaved, biases kept in fp32:
+  anything else is an error naming it.
+- ExpertsInterface "moe_kernels_mxfp4": gpt-oss MXFP4 checkpoints, the 4-bit blocks read again from
+  the checkpoint files (transformers dequantizes them at load without its Triton kernels):
+  ``use_mxfp4_experts(model, checkpoint_dir)`` attaches them and selects this implementation;
+  cutlass_moe_mxfp4 with the module's gate and fp32 biases.
 - FP8ExpertsInterface "moe_kernels" and "moe_kernels_fp8": FP8 checkpoints (e4m3 weights with
   128x128 ``weight_scale_inv``) through the block-scaled cutlass_moe_fp8. Both names, so that
   either choice works on a model whose dense experts and FP8 experts share one setting.
@@ -31,6 +35,7 @@ from packaging.version import Version
 
 from .hf_experts import moe_kernels_experts_forward
 from .hf_experts_fp8 import moe_kernels_fp8_block_experts_forward, moe_kernels_fp8_experts_forward
+from .hf_experts_mxfp4 import moe_kernels_mxfp4_experts_forward, use_mxfp4_experts
 from .hf_router import FUSED_ROUTERS, restore_router, use_fused_router
 
 MIN_TRANSFORMERS = "5.0"
@@ -39,6 +44,7 @@ MIN_TRANSFORMERS = "5.0"
 EXPERTS_IMPLEMENTATIONS = {
     "moe_kernels": moe_kernels_experts_forward,
     "moe_kernels_fp8": moe_kernels_fp8_experts_forward,
+    "moe_kernels_mxfp4": moe_kernels_mxfp4_experts_forward,
 }
 #: FP8ExpertsInterface name -> forward.
 FP8_EXPERTS_IMPLEMENTATIONS = {
@@ -48,6 +54,7 @@ FP8_EXPERTS_IMPLEMENTATIONS = {
 
 __all__ = [
     "register",
+    "use_mxfp4_experts",
     "use_fused_router",
     "restore_router",
     "FUSED_ROUTERS",
@@ -56,6 +63,7 @@ __all__ = [
     "moe_kernels_experts_forward",
     "moe_kernels_fp8_experts_forward",
     "moe_kernels_fp8_block_experts_forward",
+    "moe_kernels_mxfp4_experts_forward",
 ]
 
 

@@ -2,11 +2,11 @@
 (finalize). The Experts see only the tokens and experts of this rank."""
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Protocol
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops.ep import ep_dispatch_plan, ep_pack_records, ep_unpack_records
 from ..ops.permute import moe_unpermute
@@ -28,17 +28,27 @@ class Dispatched:
     state: Any = None
 
 
-class PrepareFinalize(Protocol):
-    def prepare(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Dispatched: ...
+class PrepareFinalize(nn.Module):
+    """Base of the PrepareFinalize modules: prepare(x, topk_weights, topk_ids) -> Dispatched and
+    finalize(expert_out, dispatched) -> [T, H]. They hold no weights (they are modules so that a
+    model prints whole and moves as one); any object with these two methods works too."""
 
-    def finalize(self, expert_out: Tensor, dispatched: Dispatched) -> Tensor: ...
+    def prepare(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Dispatched:
+        raise NotImplementedError
+
+    def finalize(self, expert_out: Tensor, dispatched: Dispatched) -> Tensor:
+        raise NotImplementedError
 
 
-class SingleGpu:
+class SingleGpu(PrepareFinalize):
     """Every expert is local: nothing moves."""
 
     def __init__(self, num_experts: int):
+        super().__init__()
         self.num_experts = num_experts
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}"
 
     def prepare(self, x, topk_weights, topk_ids):
         return Dispatched(x, topk_weights, topk_ids, None, self.num_experts)
@@ -60,7 +70,7 @@ class _AllToAllState:
     dtype: torch.dtype              # the layer input's dtype, which the output takes back
 
 
-class AllToAll:
+class AllToAll(PrepareFinalize):
     """Expert parallelism over a torch.distributed group: rank r owns experts
     [r*E/W, (r+1)*E/W). Each token goes once to every rank that holds one of its experts, with its
     full top-k row (the receiver keeps its own experts through expert_map); each rank returns the
@@ -97,6 +107,7 @@ class AllToAll:
     def __init__(self, num_experts: int, group: Optional[dist.ProcessGroup] = None,
                  dispatch_dtype: Optional[torch.dtype] = None, capacity: Optional[int] = None,
                  quant_group_size: Optional[int] = None):
+        super().__init__()
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -121,6 +132,16 @@ class AllToAll:
         self._dropped: Optional[Tensor] = None        # device int64 [1]: records dropped so far
         self._dropped_host: Optional[Tensor] = None   # its pinned copy (CUDA)
         self._dropped_copied: Optional[torch.cuda.Event] = None
+
+    def extra_repr(self) -> str:
+        s = f"num_experts={self.num_experts}, world={self.world}, rank={self.rank}"
+        if self.dispatch_dtype is not None:
+            s += f", dispatch_dtype={self.dispatch_dtype}"
+        if self.quant_group_size is not None:
+            s += f", quant_group_size={self.quant_group_size}"
+        if self.capacity is not None:
+            s += f", capacity={self.capacity}"
+        return s
 
     def expert_map(self, device) -> Tensor:
         if self._expert_map is None or self._expert_map.device != torch.device(device):

@@ -49,11 +49,27 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
                     w1_scale: Tensor, w2_scale: Tensor, a1_scale: Optional[Tensor] = None,
                     a2_scale: Optional[Tensor] = None, per_act_token: bool = False, per_out_ch: bool = False,
                     expert_map: Optional[Tensor] = None, num_local_experts: int = -1,
-                    apply_router_weight_on_input: bool = False) -> Tensor:
-    """The FP8 expert computation of an MoE layer (SwiGLU experts).
+                    apply_router_weight_on_input: bool = False, activation: str = "silu",
+                    gate_up_interleaved: bool = False, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                    w1_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None) -> Tensor:
+    """The FP8 expert computation of an MoE layer (gated experts: SwiGLU, GeGLU, gpt-oss).
 
     quantize(hidden) -> moe_permute (rows with their scales) -> grouped GEMM with w1 ->
-    silu(gate) * up + quantize -> grouped GEMM with w2 -> moe_unpermute with topk_weights.
+    (+ w1_bias) act(gate, up) + quantize -> grouped GEMM with w2 -> moe_unpermute with
+    topk_weights (+ w2_bias before the weight). Per token t:
+    ``out[t] = sum_k topk_weights[t,k] * (W2[e] @ q(act(W1[e] @ q(x[t]) + b1[e])) + b2[e])``, e = topk_ids[t,k].
+
+    Activations (as silu_and_mul_quant_fp8, fp32): ``"silu"`` silu(g) * u (default); ``"gelu"``
+    exact-erf gelu(g) * u; ``"swigluoai"`` (gpt-oss) ``g' = min(g, limit)``,
+    ``u' = clamp(u, -limit, limit)``, ``(u' + 1) * g' * sigmoid(alpha * g')`` with
+    ``swiglu_alpha`` (1.702) and ``swiglu_limit`` (7.0); any other name is an error naming it.
+    ``gate_up_interleaved``: w1's rows alternate gate, up (gpt-oss's layout), else rows 0..I-1 are
+    gate and I..2I-1 up. w1_scale (per channel or block) and w1_bias rows follow w1's order.
+
+    Biases are added in fp32, not in the GEMM epilogues: w1_bias inside the activation kernel on
+    GEMM1's bf16 output, w2_bias inside moe_unpermute on GEMM2's bf16 output, before the routing
+    weight multiplies. The only difference from a bias in the epilogue is that the GEMM output is
+    rounded to bf16 once before the bias is added.
 
     Modes, chosen by the weight scales' shapes and the input dtype:
 
@@ -65,8 +81,8 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
       128x128 block of the weight, multiplied to dequantize (the checkpoints' ``weight_scale_inv``
       as stored, gate blocks first as w1's rows). Activations are quantized per token per 128
       columns at both points (per_token_group_quant_fp8 before GEMM1, silu_and_mul_quant_fp8 with
-      group_size=128 before GEMM2). H and I must be multiples of 128; a1_scale (with bf16/fp16
-      input), a2_scale, per_act_token and per_out_ch are errors in this mode.
+      group_size=128 before GEMM2). H and I must be multiples of 128 (whole weight blocks); a1_scale
+      (with bf16/fp16 input), a2_scale, per_act_token and per_out_ch are errors in this mode.
     - Pre-quantized input: hidden_states float8_e4m3fn (e.g. quantized before an all-to-all), with
       a1_scale their scale: [1] per tensor or [T] / [T, 1] per token (per-expert/per-channel
       weights), [T, H/128] per token group (block mode, as per_token_group_quant_fp8 returns it).
@@ -76,6 +92,9 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
 
     Per-token and per-group activation scales travel with their rows through moe_permute's
     scales path (one kernel pass).
+
+    Sizes: outside block mode H and I must be multiples of 16 (the grouped GEMM's TMA loads need
+    16-byte aligned e4m3 rows), nothing more: gpt-oss's H = I = 2880 works (partial tiles).
 
     Args:
         hidden_states: [T, H] bfloat16 or float16, or float8_e4m3fn (pre-quantized, see above).
@@ -97,13 +116,19 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
             choices contribute nothing.
         num_local_experts: -1 or E_local.
         apply_router_weight_on_input: multiply the input by the weight (top-1 only, bf16/fp16
-            input) instead of the output.
+            input) instead of the output (w2_bias is then added unweighted).
+        activation: ``"silu"``, ``"gelu"`` or ``"swigluoai"``.
+        gate_up_interleaved: w1's 2I rows alternate gate, up.
+        swiglu_alpha, swiglu_limit: the constants of ``"swigluoai"``.
+        w1_bias: optional [E_local, 2I] float32 on w1's device, rows in w1's order.
+        w2_bias: optional [E_local, H] float32 on w2's device.
     Returns:
         [T, H], hidden_states' dtype; bfloat16 for float8_e4m3fn hidden_states.
     """
     return _ops.cutlass_moe_fp8(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale,
                                 a2_scale, per_act_token, per_out_ch, expert_map, num_local_experts,
-                                apply_router_weight_on_input)
+                                apply_router_weight_on_input, activation, gate_up_interleaved, float(swiglu_alpha),
+                                float(swiglu_limit), w1_bias, w2_bias)
 
 
 @torch.library.register_fake("moe_kernels::cutlass_grouped_gemm_fp8")
@@ -114,6 +139,9 @@ def _(a, b, a_scales, b_scales, expert_offsets, out_dtype=None):
 @torch.library.register_fake("moe_kernels::cutlass_moe_fp8")
 def _(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, a1_scale=None, a2_scale=None,
       per_act_token=False, per_out_ch=False, expert_map=None, num_local_experts=-1,
-      apply_router_weight_on_input=False):
+      apply_router_weight_on_input=False, activation="silu", gate_up_interleaved=False, swiglu_alpha=1.702,
+      swiglu_limit=7.0, w1_bias=None, w2_bias=None):
+    torch._check(activation in ("silu", "gelu", "swigluoai"),
+                 lambda: f'cutlass_moe_fp8: activation must be "silu", "gelu" or "swigluoai", got "{activation}"')
     dtype = torch.bfloat16 if hidden_states.dtype == torch.float8_e4m3fn else hidden_states.dtype
     return torch.empty_like(hidden_states, dtype=dtype)

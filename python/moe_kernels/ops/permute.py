@@ -91,21 +91,29 @@ def moe_permute(
     return out if scales is not None else out[:4]
 
 
-def moe_unpermute(permuted: Tensor, topk_weights: Tensor, inv_permuted_idx: Tensor) -> Tensor:
-    """Weighted sum of each token's expert outputs: the top-k combine.
+def moe_unpermute(permuted: Tensor, topk_weights: Tensor, inv_permuted_idx: Tensor, bias: Optional[Tensor] = None,
+                  expert_offsets: Optional[Tensor] = None) -> Tensor:
+    """Weighted sum of each token's expert outputs: the top-k combine, optionally adding each
+    expert's output bias first.
 
-    ``out[t] = sum over k with inv_permuted_idx[t,k] >= 0 of topk_weights[t,k] * permuted[inv_permuted_idx[t,k]]``,
-    accumulated in fp32 in k order and written once; a token with no kept row gets zeros.
+    ``out[t] = sum over k with r = inv_permuted_idx[t,k] >= 0 of topk_weights[t,k] * (permuted[r] + bias[e(r)])``,
+    accumulated in fp32 in k order and written once; a token with no kept row gets zeros. The bias
+    term is there only when ``bias`` is given: ``e(r)`` is the expert owning row r,
+    ``expert_offsets[e] <= r < expert_offsets[e+1]`` (a row past ``expert_offsets[-1]`` gets no
+    bias), and the bias is added in fp32 before the weight multiplies (gpt-oss's down-projection
+    bias; cutlass_moe_fp8's ``w2_bias``).
 
     Args:
         permuted: [M, H] bfloat16, float16 or float32.
         topk_weights: [T, K] float32 or permuted's dtype.
         inv_permuted_idx: [T, K] int32 from moe_permute / moe_sort_tokens.
+        bias: optional [E, H] float32, contiguous, on permuted's device.
+        expert_offsets: [E + 1] int64 (moe_permute's), required with bias and only with it.
 
     Returns:
         out: [T, H], permuted's dtype.
     """
-    return _ops.moe_unpermute(permuted, topk_weights, inv_permuted_idx)
+    return _ops.moe_unpermute(permuted, topk_weights, inv_permuted_idx, bias, expert_offsets)
 
 
 def compute_problem_sizes(expert_offsets: Tensor, n: int, k: int, swap_ab: bool = False) -> Tuple[Tensor, Tensor]:
@@ -155,7 +163,7 @@ def _(hidden_states, topk_ids, num_experts, expert_map=None, num_local_experts=-
 
 
 @torch.library.register_fake("moe_kernels::moe_unpermute")
-def _(permuted, topk_weights, inv_permuted_idx):
+def _(permuted, topk_weights, inv_permuted_idx, bias=None, expert_offsets=None):
     return permuted.new_empty((inv_permuted_idx.shape[0], permuted.shape[1]))
 
 

@@ -1,5 +1,6 @@
-"""FP8 (float8_e4m3fn) quantization: scaled_fp8_quant, and silu_and_mul_quant_fp8, the activation
-between the two grouped GEMMs of an MoE layer fused with the re-quantization.
+"""FP8 (float8_e4m3fn) quantization: scaled_fp8_quant, and silu_and_mul_quant_fp8, the gated
+activation (silu, gelu or swigluoai; optional per-expert bias) between the two grouped GEMMs of an
+MoE layer fused with the re-quantization.
 
 Scales, as vLLM's ``scaled_fp8_quant``:
 
@@ -79,27 +80,54 @@ def per_token_group_quant_fp8(x: Tensor, group_size: int = 128,
     return _ops.per_token_group_quant_fp8(x, group_size, column_major_scales)
 
 
+ACTIVATIONS = ("silu", "gelu", "swigluoai")
+
+
 def silu_and_mul_quant_fp8(
-    x: Tensor, scale: Optional[Tensor] = None, per_token: bool = False, group_size: int = 0
+    x: Tensor, scale: Optional[Tensor] = None, per_token: bool = False, group_size: int = 0,
+    activation: str = "silu", gate_up_interleaved: bool = False, swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0, bias: Optional[Tensor] = None, expert_offsets: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """``silu(gate) * up`` quantized to float8_e4m3fn, in one pass over x (two for a dynamic
-    per-tensor scale).
+    """A gated activation ``y = act(gate, up)`` quantized to float8_e4m3fn, in one pass over x (two
+    for a dynamic per-tensor scale): the step between the two grouped GEMMs of an MoE layer.
+
+    Activations, computed in fp32 (``g``, ``u`` the gate and up values, bias included):
+
+    - ``"silu"`` (default): ``silu(g) * u``, ``silu(g) = g / (1 + exp(-g))``.
+    - ``"gelu"``: ``gelu(g) * u`` with the exact GELU of torch.nn.functional.gelu,
+      ``gelu(g) = g / 2 * (1 + erf(g / sqrt(2)))`` (not the tanh approximation).
+    - ``"swigluoai"`` (gpt-oss): ``g' = min(g, limit)``; ``u' = clamp(u, -limit, limit)``;
+      ``y = (u' + 1) * g' * sigmoid(alpha * g')`` with ``alpha = swiglu_alpha`` (1.702) and
+      ``limit = swiglu_limit`` (7.0). The gate is clamped from above only. NaN stays NaN.
+
+    Any other name is an error that names it. exp and erf are evaluated with IEEE fp32 operations
+    only, the same on the GPU and in the CPU reference (equal bytes); they are within 2 ulp of the
+    exact functions.
 
     Args:
-        x: [M, 2I] bfloat16, float16 or float32, contiguous: gate in columns [0, I), up in
-            [I, 2I) (the output of GEMM1 with vLLM's w13 layout).
+        x: [M, 2I] bfloat16, float16 or float32, contiguous, the output of GEMM1: gate in columns
+            [0, I) and up in [I, 2I) (vLLM's w13 layout), or with ``gate_up_interleaved`` gate in
+            the even columns and up in the odd ones (gpt-oss's gate_up_proj).
         scale, per_token: as scaled_fp8_quant.
         group_size: > 0 for one dynamic scale per row per group of group_size columns of y, as
             per_token_group_quant_fp8 computes them (I must be a multiple of it; scale must be
             None and per_token False). 0: the scale modes of scaled_fp8_quant.
+        activation: ``"silu"``, ``"gelu"`` or ``"swigluoai"``.
+        gate_up_interleaved: x's columns alternate gate, up.
+        swiglu_alpha, swiglu_limit: the constants of ``"swigluoai"`` (ignored otherwise).
+        bias: optional [E, 2I] float32, contiguous, on x's device, in x's column order: row r
+            gets ``x[r] + bias[e]`` (one fp32 addition each) before the activation, e the expert
+            with ``expert_offsets[e] <= r < expert_offsets[e+1]``; rows past ``expert_offsets[-1]``
+            get no bias.
+        expert_offsets: [E + 1] int64 (moe_permute's), required with bias and only with it.
 
     Returns:
-        q: [M, I] float8_e4m3fn, the quantized ``y = silu(gate) * up`` (computed in fp32,
-            ``silu(g) = g / (1 + exp(-g))``).
+        q: [M, I] float8_e4m3fn, the quantized y.
         scale: float32, [1] or [M, 1], as scaled_fp8_quant; with group_size > 0,
             [M, I // group_size] row-major.
     """
-    return _ops.silu_and_mul_quant_fp8(x, scale, per_token, group_size)
+    return _ops.silu_and_mul_quant_fp8(x, scale, per_token, group_size, activation, gate_up_interleaved,
+                                       float(swiglu_alpha), float(swiglu_limit), bias, expert_offsets)
 
 
 def _fake_scale(x: Tensor, rows: int, scale: Optional[Tensor], per_token: bool) -> Tensor:
@@ -126,7 +154,10 @@ def _(x, group_size=128, column_major_scales=False):
 
 
 @torch.library.register_fake("moe_kernels::silu_and_mul_quant_fp8")
-def _(x, scale=None, per_token=False, group_size=0):
+def _(x, scale=None, per_token=False, group_size=0, activation="silu", gate_up_interleaved=False, swiglu_alpha=1.702,
+      swiglu_limit=7.0, bias=None, expert_offsets=None):
+    torch._check(activation in ACTIVATIONS, lambda: f'silu_and_mul_quant_fp8: activation must be "silu", "gelu" '
+                 f'or "swigluoai", got "{activation}"')
     M, K2 = x.shape
     q = x.new_empty((M, K2 // 2), dtype=torch.float8_e4m3fn)
     if group_size > 0:
