@@ -47,8 +47,9 @@ void check_gemm_arch(const char* op, const Tensor& t) {
   // sm_90a code runs on compute capability 9.0 only (arch-specific features: wgmma, TMA multicast).
   STD_TORCH_CHECK(cc == 90, op, ": the CUTLASS FP8 grouped GEMMs are built for sm_90a (Hopper: H100, H200, H20) "
                   "only; cuda:", device, " has compute capability ", cc / 10, ".", cc % 10, ". On this GPU the "
-                  "routing, permute/unpermute, quantization and expert-parallel ops work (sm_80 and newer), and the "
-                  "HF \"moe_kernels\" implementation runs its GEMMs through torch._grouped_mm");
+                  "routing, permute/unpermute, quantization and expert-parallel ops and the 4-bit layers "
+                  "(cutlass_moe_mxfp4, cutlass_moe_w4a8) work (sm_80 and newer), and the HF \"moe_kernels\" "
+                  "implementation runs its GEMMs through torch._grouped_mm");
 }
 
 namespace cuda {
