@@ -12,7 +12,6 @@ raises is reported and the others still run; the exit status is 1 if any family 
 """
 
 import argparse
-import inspect
 import os
 import sys
 import traceback
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 import moe_kernels
+from moe_kernels.bench.features import accepts  # whether this build has a function / keyword
 
 DEV = "cuda"  # --device cpu: a dry run of the calls on the CPU references (signatures, shapes), no sanitizer
 
@@ -176,14 +176,6 @@ LAYER_TOL = 5e-2
 
 class Skip(Exception):
     """A family this build cannot run (a function or keyword of a later branch)."""
-
-
-def accepts(fn_name, *keywords):
-    fn = getattr(moe_kernels, fn_name, None)
-    if fn is None:
-        return False
-    params = inspect.signature(fn).parameters
-    return all(k in params for k in keywords)
 
 
 def need(fn_name, *keywords):

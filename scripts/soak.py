@@ -29,7 +29,6 @@ Prints a summary line last and writes a small JSON (--json); exit status 1 on an
 """
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -41,19 +40,12 @@ import traceback
 import torch
 
 import moe_kernels
+from moe_kernels.bench.features import accepts  # whether this build has a function / keyword
 
 FP8 = torch.float8_e4m3fn
 TOL = 5e-2  # tests/test_generated.py CUDA_VS_CPU_LAYER_TOL: e4m3 requantization flips, derived there
 MAX_ERRORS = 50
 ACTIVATIONS = ("silu", "gelu", "swigluoai")
-
-
-def accepts(fn_name, *keywords):
-    fn = getattr(moe_kernels, fn_name, None)
-    if fn is None:
-        return False
-    params = inspect.signature(fn).parameters
-    return all(k in params for k in keywords)
 
 
 class WeightSet:

@@ -1,6 +1,7 @@
 """Shared test utilities: random routing, allocator poisoning, device list."""
 
 import os
+import socket
 
 import torch
 
@@ -38,3 +39,21 @@ def poison_cuda_allocator(byte: int) -> None:
     for b in blocks:
         b.fill_(byte)
     del blocks
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(rank_main, world, *args) -> dict:
+    """Runs rank_main(rank, world, port, results, *args) in `world` processes (torch.multiprocessing,
+    a fresh rendezvous port) and returns what the ranks stored in the shared dict `results`."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(rank_main, args=(world, free_port(), results, *args), nprocs=world)
+        return dict(results)

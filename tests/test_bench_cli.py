@@ -135,6 +135,20 @@ def test_arguments_are_checked_before_the_run():
             cli.parse_args(bad)
 
 
+def test_output_and_gemm_config_flags_parse():
+    """The README's remaining flags: --out DIR (where the JSON goes), --json, --gemm-configs, --plot."""
+    args = cli.parse_args(["--out", "runs", "--json", "r.json", "--gemm-configs", "pingpong_64x128x128_c1x1,all"])
+    assert args.out == "runs" and args.json == "r.json"
+    assert args.gemm_configs == "pingpong_64x128x128_c1x1,all"
+    env = {"date": "2026-12-04T16:00:00+00:00", "device": "NVIDIA H200"}
+    assert report.result_path(args.out, env, ["gemm"], True) == Path("runs/bench_gemm_quick_NVIDIA_H200_2026-12-04.json")
+    if plot.available():
+        assert cli.parse_args(["--plot", "speedup.png"]).plot == "speedup.png"
+    else:
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--plot", "speedup.png"])
+
+
 def test_every_registered_op_declares_its_tokens_and_run():
     from moe_kernels.bench import OPS, load
     for name in OPS:

@@ -4,18 +4,12 @@ passes, and the JSON holds the rows the table prints."""
 
 import json
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
 from moe_kernels.bench import ep_dist
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def _rank_main(rank, world, port, out_dir, codes):
@@ -29,7 +23,7 @@ def _rank_main(rank, world, port, out_dir, codes):
 def test_ep_dist_runs_on_cpu_with_gloo(tmp_path):
     with mp.Manager() as manager:
         codes = manager.dict()
-        mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), codes), nprocs=2)
+        mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path), codes), nprocs=2)
         assert dict(codes) == {0: 0, 1: 0}
     (path,) = tmp_path.glob("bench_ep_dist_cpu_x2_*.json")
     results = json.loads(path.read_text())

@@ -90,3 +90,18 @@ def test_downstream_permute_and_combine_equal_python_ops(downstream, device, dty
 
     combined = downstream.combine(got[0], weights, got[2])
     torch.testing.assert_close(combined, moe_kernels.moe_unpermute(want[0], weights, want[2]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_downstream_mxfp4_gemm_equals_python_op(downstream, device):
+    """include/moe_kernels/fourbit.h: its defaults and argument types match the op's schema."""
+    E, N, K = 3, 64, 128
+    a = torch.randn(9, K, device=device).to(torch.bfloat16)
+    w = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, device=device)
+    w_scale = torch.randint(120, 130, (E, N, K // 32), dtype=torch.uint8, device=device)
+    offsets = torch.tensor([0, 4, 4, 9], device=device)
+    bias = torch.randn(E, N, device=device)
+    got = downstream.gemm_mxfp4_swigluoai(a, w, w_scale, offsets, bias)
+    want = moe_kernels.grouped_gemm_mxfp4(a, w, w_scale, offsets, bias=bias, activation="swigluoai",
+                                          gate_up_interleaved=True)
+    assert got.shape == (9, N // 2) and torch.equal(got, want)

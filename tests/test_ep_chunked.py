@@ -7,17 +7,16 @@ One process group per world size runs every case; the tests read its results."""
 
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_kernels.modular import (AllToAll, CapacityOverflowError, ChunkedAllToAll, CutlassFp8Experts, MoELayer,
                                  SingleGpu, TorchExperts, auto_num_chunks)
 from moe_kernels.modular.chunked import chunk_bounds
+from helpers import free_port, spawn_ranks
 
 FP8 = torch.float8_e4m3fn
 E, K, H, I = 8, 2, 128, 32
@@ -106,12 +105,6 @@ CASES = ([("rowwise", dispatch, mode, n) for dispatch in ("none", "fp8") for mod
             for mode in ("variable", "capacity")]
          + [(kind, "fp8", mode, n) for kind in ("cutlass", "block") for mode in ("variable", "capacity")
             for n in (2, 4)])
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shared_mlp(x):
@@ -229,10 +222,7 @@ def _one_thread():
 @pytest.fixture(scope="module", params=WORLDS, ids=[f"world{w}" for w in WORLDS])
 def chunked_results(request):
     world = request.param
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_main, args=(world, _free_port(), results), nprocs=world)
-        return world, dict(results)
+    return world, spawn_ranks(_rank_main, world)
 
 
 @pytest.mark.parametrize("kind,dispatch,mode,n", CASES)
@@ -316,7 +306,7 @@ def test_chunk_bounds_and_rule():
 
 
 def test_chunked_arguments():
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="num_chunks must be None or >= 1"):
@@ -341,11 +331,9 @@ def test_chunked_capacity_captures_in_cuda_graph():
     chunk in the same GEMM tile class as the whole: <= 64 rows per expert). Not yet run on GPUs."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs (scripts/ep-check.sh runs it)")
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_graph_rank, args=(2, _free_port(), results), nprocs=2)
-        for rank in range(2):
-            assert results[rank] == "equal", results[rank]
+    results = spawn_ranks(_graph_rank, 2)
+    for rank in range(2):
+        assert results[rank] == "equal", results[rank]
 
 
 def _graph_rank(rank, world, port, results):

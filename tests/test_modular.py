@@ -2,15 +2,14 @@
 (gloo on CPU, so it runs everywhere)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from moe_kernels.modular import AllToAll, MoELayer, SingleGpu, TorchExperts
+from helpers import spawn_ranks
 
 T, E, K, H, I = 37, 8, 2, 24, 16
 
@@ -60,12 +59,6 @@ def test_torch_experts_rejects_bad_weights():
         TorchExperts(torch.zeros(4, 6, 8), torch.zeros(4, 8, 4))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank, world, port, results):
     # One thread per rank: the ranks share the cores, and spinning OpenMP threads of oversubscribed
     # processes made these tiny shapes take seconds per call.
@@ -85,13 +78,11 @@ def _rank_main(rank, world, port, results):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_to_all_equals_single_device(world):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_main, args=(world, _free_port(), results), nprocs=world)
-        for rank in range(world):
-            x, logits, _, _ = make_problem(2 + rank)
-            _, _, w1, w2 = make_problem(0)
-            torch.testing.assert_close(results[rank].double(), dense_moe(x, logits, w1, w2), rtol=1e-4, atol=1e-5)
+    results = spawn_ranks(_rank_main, world)
+    for rank in range(world):
+        x, logits, _, _ = make_problem(2 + rank)
+        _, _, w1, w2 = make_problem(0)
+        torch.testing.assert_close(results[rank].double(), dense_moe(x, logits, w1, w2), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.cuda

@@ -5,17 +5,16 @@ expensive part); the tests below read its results."""
 
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_kernels.modular import (AllToAll, CapacityOverflowError, CutlassFp8Experts, MoELayer, SingleGpu,
                                  TorchExperts)
 from moe_kernels.ops.quant import scaled_fp8_quant
+from helpers import free_port, spawn_ranks
 
 FP8 = torch.float8_e4m3fn
 T, E, K, H, I = 37, 8, 2, 128, 32   # H, I multiples of 16 (the FP8 GEMMs); H = one 128-column group
@@ -82,12 +81,6 @@ CASES = [(kind, dispatch, mode) for kind in ("torch", "cutlass", "block") for di
          for mode in ("variable", "capacity")]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_case(rank, world, kind, dispatch, mode):
     x, logits = tokens(rank)
     if kind == "torch" and dispatch == "none":
@@ -149,10 +142,7 @@ def _one_thread():
 @pytest.fixture(scope="module", params=WORLDS, ids=[f"world{w}" for w in WORLDS])
 def ep_results(request):
     world = request.param
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_main, args=(world, _free_port(), results), nprocs=world)
-        return world, dict(results)
+    return world, spawn_ranks(_rank_main, world)
 
 
 def rel_err(a, b):
@@ -186,7 +176,7 @@ def test_capacity_overflow_raises(ep_results):
 
 
 def test_capacity_needs_two_ranks():
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="capacity must be >= 0 with a world of >= 2 ranks"):
@@ -205,7 +195,7 @@ def test_capacity_needs_two_ranks():
 @pytest.mark.parametrize("dispatch", ["none", "fp8"])
 def test_one_rank_nccl_on_cuda_equals_single_gpu(dispatch):
     """The packed path on the GPU kernels (one rank over NCCL; two ranks: scripts/ep-check.sh)."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     try:
         x, logits = tokens(0)

@@ -504,18 +504,24 @@ def to_cuda(*ts):
     return [None if t is None else t.cuda() for t in ts]
 
 
+def assert_cuda_gemm_equals_cpu(fmt, rows, N, K, a_fp8, activation, interleaved):
+    """The GEMM on the GPU (allocator NaN-poisoned) against its CPU reference on one random problem with
+    a bias; rows past the experts' last row are not compared (the op leaves them unwritten)."""
+    a, a_s, w, s, off = gemm_problem(fmt, rows, N, K, a_fp8)
+    bias = torch.randn(len(rows), N)
+    want = gemm_op(fmt)(a, w, s, off, a_s, bias, activation, interleaved)
+    poison_cuda_allocator(0xFF)
+    got = gemm_op(fmt)(*to_cuda(a, w, s, off, a_s, bias), activation, interleaved)
+    assert_matches(got[: off[-1]], want[: off[-1]].double())
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt, a_fp8", [("mxfp4", False), ("mxfp4", True), ("int4", True)])
 @pytest.mark.parametrize("activation", ["none"] + ACTIVATIONS)
 @pytest.mark.parametrize("rows", [[1, 0, 2, 1], [40, 0, 17, 90, 1]])  # the 16-row and the 64-row tiles
 def test_cuda_gemm_equals_cpu_reference(fmt, a_fp8, activation, rows):
     N, K = 2 * 2880 if activation != "none" else 2880, 2880 if fmt == "mxfp4" else 2944
-    a, a_s, w, s, off = gemm_problem(fmt, rows, N, K, a_fp8)
-    bias = torch.randn(len(rows), N)
-    want = gemm_op(fmt)(a, w, s, off, a_s, bias, activation, True)
-    poison_cuda_allocator(0xFF)
-    got = gemm_op(fmt)(*to_cuda(a, w, s, off, a_s, bias), activation, True)
-    assert_matches(got[: off[-1]], want[: off[-1]].double())
+    assert_cuda_gemm_equals_cpu(fmt, rows, N, K, a_fp8, activation, True)
 
 
 @pytest.mark.cuda
@@ -529,12 +535,7 @@ def test_cuda_every_config_equals_cpu_reference(config, rows, monkeypatch):
     monkeypatch.setenv("MOE_KERNELS_W4_GEMM_CONFIG", config)
     K = 2880 if fmt == "mxfp4" else 2944
     for activation, N in (("none", 2880), ("swigluoai", 2 * 2880)):
-        a, a_s, w, s, off = gemm_problem(fmt, rows, N, K, True)
-        bias = torch.randn(len(rows), N)
-        want = gemm_op(fmt)(a, w, s, off, a_s, bias, activation, False)
-        poison_cuda_allocator(0xFF)
-        got = gemm_op(fmt)(*to_cuda(a, w, s, off, a_s, bias), activation, False)
-        assert_matches(got[: off[-1]], want[: off[-1]].double())
+        assert_cuda_gemm_equals_cpu(fmt, rows, N, K, True, activation, False)
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
-// The 4-bit weight formats and the gated activations of the 4-bit grouped GEMMs, shared by the
-// CUDA kernel (grouped_gemm_w4.cuh) and its CPU reference (grouped_gemm_w4_cpu.cpp) so that both
-// decode the same bytes to the same values. Compiles as CUDA (host and device) and as plain C++.
+// The 4-bit weight formats of the 4-bit grouped GEMMs and the dispatch to the gated activations of
+// quant/gated_act.h, shared by the CUDA kernel (grouped_gemm_w4.cuh) and its CPU reference
+// (grouped_gemm_w4_cpu.cpp) so that both decode the same bytes to the same values. Compiles as
+// CUDA (host and device) and as plain C++.
 //
 // Weights are [E, N, K/2] bytes, two 4-bit codes a byte, the low nibble the even K element:
 // - MXFP4 (OCP microscaling, gpt-oss / DeepSeek-V4 checkpoints): E2M1 codes, one E8M0 scale byte
@@ -17,11 +18,11 @@
 // against the scalar definitions for every byte and scale.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include "common/portable_math.h"
+#include "quant/gated_act.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -38,35 +39,7 @@ constexpr int kInt4Group = 128;
 // The gated activation applied to GEMM1's two halves (gate, up) in its epilogue, or none (GEMM2).
 enum class Activation : int { kNone = 0, kSilu = 1, kGelu = 2, kSwigluOai = 3 };
 
-// E2M1 code (sign, two exponent bits with bias 1, one mantissa bit) -> fp32, from its bits:
-// 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives (0b0001 is the subnormal 0.5).
-MOE_HOST_DEVICE float e2m1_to_float(uint32_t code) {
-  const uint32_t e = (code >> 1) & 3u;
-  const uint32_t m = code & 1u;
-  uint32_t bits = e != 0 ? ((e + 126u) << 23) | (m << 22) : (m != 0 ? 0x3f000000u : 0u);
-  bits |= (code & 8u) << 28;
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
-
-// 2^(s - 127) from its bits: s in [1, 254] is a normal fp32 exponent field as is; s = 0 is
-// 2^-127, the fp32 subnormal 0x00400000; s = 255 is E8M0's NaN.
-MOE_HOST_DEVICE float e8m0_to_float(uint32_t s) {
-  const uint32_t bits = s == 0 ? 0x00400000u : s == 255 ? 0x7fc00000u : (s << 23);
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
-
+// Bit casts between fp32 and its 32 bits (the intrinsics on the device, memcpy on the host).
 MOE_HOST_DEVICE uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
@@ -85,6 +58,22 @@ MOE_HOST_DEVICE float bits_float(uint32_t b) {
   std::memcpy(&f, &b, sizeof(f));
   return f;
 #endif
+}
+
+// E2M1 code (sign, two exponent bits with bias 1, one mantissa bit) -> fp32, from its bits:
+// 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives (0b0001 is the subnormal 0.5).
+MOE_HOST_DEVICE float e2m1_to_float(uint32_t code) {
+  const uint32_t e = (code >> 1) & 3u;
+  const uint32_t m = code & 1u;
+  uint32_t bits = e != 0 ? ((e + 126u) << 23) | (m << 22) : (m != 0 ? 0x3f000000u : 0u);
+  bits |= (code & 8u) << 28;
+  return bits_float(bits);
+}
+
+// 2^(s - 127) from its bits: s in [1, 254] is a normal fp32 exponent field as is; s = 0 is
+// 2^-127, the fp32 subnormal 0x00400000; s = 255 is E8M0's NaN.
+MOE_HOST_DEVICE float e8m0_to_float(uint32_t s) {
+  return bits_float(s == 0 ? 0x00400000u : s == 255 ? 0x7fc00000u : (s << 23));
 }
 
 // fp32 -> bf16 bits, round to nearest even (NaN stays a NaN).
@@ -217,35 +206,16 @@ MOE_HOST_DEVICE void decode8_int4(uint32_t codes, uint32_t scale_bf16x2, uint32_
   interleave_pairs(x, out);
 }
 
-MOE_HOST_DEVICE float erf_f(float x) {
-#if defined(__CUDA_ARCH__)
-  return erff(x);
-#else
-  return std::erf(x);
-#endif
-}
-
-// The gated activations (DESIGN.md, third wave), in fp32:
-//   silu:      silu(gate) * up
-//   gelu:      gelu(gate) * up, the exact GELU 0.5 * g * (1 + erf(g / sqrt(2)))
-//   swigluoai: g = min(gate, limit); u = clamp(up, -limit, limit); (u + 1) * g * sigmoid(alpha * g)
-// The clamps are written as comparisons so that a NaN stays NaN (as torch.clamp), where fminf
-// would replace it with the limit.
-MOE_HOST_DEVICE float gated_activation(Activation act, float gate, float up, float alpha, float limit) {
-  switch (act) {
-    case Activation::kSilu: return pmath::mul_rn(pmath::silu(gate), up);
-    case Activation::kGelu: {
-      constexpr float kInvSqrt2 = 0.70710678118654752f;
-      const float g = pmath::mul_rn(pmath::mul_rn(0.5f, gate),
-                                    pmath::add_rn(1.0f, erf_f(pmath::mul_rn(gate, kInvSqrt2))));
-      return pmath::mul_rn(g, up);
-    }
-    case Activation::kSwigluOai: {
-      const float g = gate > limit ? limit : gate;
-      const float u = up > limit ? limit : (up < -limit ? -limit : up);
-      const float glu = pmath::mul_rn(g, pmath::sigmoid(pmath::mul_rn(alpha, g)));
-      return pmath::mul_rn(pmath::add_rn(u, 1.0f), glu);
-    }
+// GEMM1's gated activation in fp32 (DESIGN.md, third wave): the functors of quant/gated_act.h,
+// the ones the FP8 layer's silu_and_mul_quant_fp8 and its CPU reference use, so that an
+// activation gives the same bits in the FP8 and the 4-bit layers and on the CPU and the GPU (GELU
+// through gated_act.h's erf from IEEE operations, not erff / std::erf, which differ in the last
+// bits). The activation is chosen at run time here (one kernel serves all of them).
+MOE_HOST_DEVICE float gated_activation(Activation activation, float gate, float up, float alpha, float limit) {
+  switch (activation) {
+    case Activation::kSilu: return moe_kernels::act::SiluMul{}(gate, up);
+    case Activation::kGelu: return moe_kernels::act::GeluMul{}(gate, up);
+    case Activation::kSwigluOai: return moe_kernels::act::SwigluOai{alpha, limit}(gate, up);
     default: return gate;
   }
 }

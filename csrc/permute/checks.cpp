@@ -2,6 +2,7 @@
 
 #include <limits>
 
+#include "common/expert_bias_checks.h"
 #include "common/limits.h"
 
 namespace moe_kernels {
@@ -105,25 +106,7 @@ void check_weighted_gather_args(const char* op, const char* rows_name, const Ten
 
 void check_unpermute_bias(const char* op, const Tensor& permuted, const std::optional<Tensor>& bias,
                           const std::optional<Tensor>& expert_offsets) {
-  STD_TORCH_CHECK(bias.has_value() == expert_offsets.has_value(), op,
-                  ": bias and expert_offsets go together (bias [E, H] per expert, expert_offsets [E + 1] its rows), "
-                  "got ", bias.has_value() ? "bias without expert_offsets" : "expert_offsets without bias");
-  if (!bias.has_value()) return;
-  const Tensor& b = *bias;
-  const Tensor& off = *expert_offsets;
-  STD_TORCH_CHECK(off.dim() == 1 && off.size(0) >= 1, op, ": expert_offsets must be 1-D [E + 1], got shape ",
-                  shape_of(off));
-  STD_TORCH_CHECK(off.scalar_type() == kLong, op, ": expert_offsets must be int64, got ", off.scalar_type());
-  check_contiguous(op, "expert_offsets", off);
-  STD_TORCH_CHECK(same_device(off, permuted), op, ": expert_offsets must be on ", device_of(permuted),
-                  " (as permuted), got ", device_of(off));
-  const int64_t E = off.size(0) - 1;
-  STD_TORCH_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == permuted.size(1), op, ": bias must be [E, H] = [",
-                  E, ", ", permuted.size(1), "] (E from expert_offsets, H from permuted), got shape ", shape_of(b));
-  STD_TORCH_CHECK(b.scalar_type() == kFloat, op, ": bias must be float32, got ", b.scalar_type());
-  check_contiguous(op, "bias", b);
-  STD_TORCH_CHECK(same_device(b, permuted), op, ": bias must be on ", device_of(permuted), " (as permuted), got ",
-                  device_of(b));
+  check_expert_bias(op, bias, expert_offsets, permuted, "permuted", permuted.size(1), "[E, H]", "H from permuted");
 }
 
 void check_problem_sizes_args(const Tensor& expert_offsets, int64_t n, int64_t k) {

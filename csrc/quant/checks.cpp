@@ -1,5 +1,7 @@
 #include "quant/checks.h"
 
+#include "common/expert_bias_checks.h"
+
 namespace moe_kernels {
 
 QuantShape check_quant_args(const char* op, const Tensor& x, const std::optional<Tensor>& scale,
@@ -57,27 +59,10 @@ GatedActSpec check_gated_act_args(const char* op, const QuantShape& s, const Ten
   spec.interleaved = gate_up_interleaved;
   spec.swiglu_alpha = static_cast<float>(swiglu_alpha);
   spec.swiglu_limit = static_cast<float>(swiglu_limit);
-  STD_TORCH_CHECK(bias.has_value() == expert_offsets.has_value(), op,
-                  ": bias and expert_offsets go together (bias [E, 2I] per expert, expert_offsets [E + 1] its rows), "
-                  "got ", bias.has_value() ? "bias without expert_offsets" : "expert_offsets without bias");
+  spec.num_experts = check_expert_bias(op, bias, expert_offsets, x, "x", 2 * s.cols, "[E, 2I]", "2I from x");
   if (!bias.has_value()) return spec;
-  const Tensor& b = *bias;
-  const Tensor& off = *expert_offsets;
-  STD_TORCH_CHECK(off.dim() == 1 && off.size(0) >= 1, op, ": expert_offsets must be 1-D [E + 1], got shape ",
-                  shape_of(off));
-  STD_TORCH_CHECK(off.scalar_type() == kLong, op, ": expert_offsets must be int64, got ", off.scalar_type());
-  check_contiguous(op, "expert_offsets", off);
-  STD_TORCH_CHECK(same_device(off, x), op, ": expert_offsets must be on ", device_of(x), " (as x), got ",
-                  device_of(off));
-  const int64_t E = off.size(0) - 1;
-  STD_TORCH_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == 2 * s.cols, op, ": bias must be [E, 2I] = [", E,
-                  ", ", 2 * s.cols, "] (E from expert_offsets, 2I from x), got shape ", shape_of(b));
-  STD_TORCH_CHECK(b.scalar_type() == kFloat, op, ": bias must be float32, got ", b.scalar_type());
-  check_contiguous(op, "bias", b);
-  STD_TORCH_CHECK(same_device(b, x), op, ": bias must be on ", device_of(x), " (as x), got ", device_of(b));
-  spec.bias = cptr<float>(b);
-  spec.expert_offsets = cptr<int64_t>(off);
-  spec.num_experts = E;
+  spec.bias = cptr<float>(*bias);
+  spec.expert_offsets = cptr<int64_t>(*expert_offsets);
   return spec;
 }
 

@@ -1,5 +1,6 @@
 // Ops of a downstream extension, built on moe_kernels' public C++ API. Each call goes through the
 // dispatcher, so the same code runs on CPU and CUDA tensors; the extension compiles no kernel.
+#include <moe_kernels/fourbit.h>
 #include <moe_kernels/permute.h>
 #include <moe_kernels/routing.h>
 #include <torch/library.h>
@@ -20,6 +21,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute(const at::Ten
   return {permuted, offsets, inv, perm};
 }
 
+// The weighted gather back to tokens, without moe_unpermute's optional expert bias. (A function with
+// the schema's three arguments: m.def infers a schema from a function pointer, and moe_unpermute's
+// has five.)
+at::Tensor combine(const at::Tensor& permuted, const at::Tensor& topk_weights, const at::Tensor& inv_permuted_idx) {
+  return moe_kernels::moe_unpermute(permuted, topk_weights, inv_permuted_idx);
+}
+
+// The MXFP4 grouped GEMM with gpt-oss's activation (interleaved swigluoai, its alpha and limit at the
+// header's defaults): the 4-bit header's optional, string and float arguments through the dispatcher.
+at::Tensor gemm_mxfp4_swigluoai(const at::Tensor& a, const at::Tensor& w, const at::Tensor& w_scale,
+                                const at::Tensor& expert_offsets, const std::optional<at::Tensor>& bias) {
+  return moe_kernels::grouped_gemm_mxfp4(a, w, w_scale, expert_offsets, std::nullopt, bias, "swigluoai", true);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_kernels_downstream, m) {
@@ -29,6 +44,7 @@ TORCH_LIBRARY(moe_kernels_downstream, m) {
   m.def("permute(Tensor hidden_states, Tensor topk_ids, int num_experts) "
         "-> (Tensor permuted, Tensor expert_offsets, Tensor inv_permuted_idx, Tensor permuted_idx)",
         &permute);
-  m.def("combine(Tensor permuted, Tensor topk_weights, Tensor inv_permuted_idx) -> Tensor",
-        &moe_kernels::moe_unpermute);
+  m.def("combine(Tensor permuted, Tensor topk_weights, Tensor inv_permuted_idx) -> Tensor", &combine);
+  m.def("gemm_mxfp4_swigluoai(Tensor a, Tensor w, Tensor w_scale, Tensor expert_offsets, Tensor? bias) -> Tensor",
+        &gemm_mxfp4_swigluoai);
 }

@@ -13,11 +13,11 @@ experts the row's routing touches (per-expert fp8 weight scales, biases where th
 """
 
 import torch
-import torch.nn.functional as F
 
 import moe_kernels
 
 from . import features, hf_experts, roofline
+from ..modular.experts import gated_activation
 from .gemm import routed_offsets
 from .harness import FP8, Context, Times
 
@@ -46,21 +46,9 @@ def _plain_unpermute(o, order, w):
 
 
 def gated(h, activation="silu", gate_up_interleaved=False, alpha=1.702, limit=7.0):
-    """The gated activation of GEMM1's output h [M, 2I] in plain torch (the formulas of DESIGN.md):
-    silu(gate) * up, gelu(gate) * up (exact erf GELU), or gpt-oss's swigluoai
-    (up + 1) * g * sigmoid(alpha * g) with g = min(gate, limit), up clamped to [-limit, limit]."""
-    if gate_up_interleaved:
-        gate, up = h[:, 0::2], h[:, 1::2]
-    else:
-        gate, up = h.chunk(2, dim=-1)
-    if activation == "silu":
-        return F.silu(gate) * up
-    if activation == "gelu":
-        return F.gelu(gate) * up
-    if activation == "swigluoai":
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-        return (up + 1) * gate * torch.sigmoid(alpha * gate)
-    raise ValueError(f"gated: unknown activation {activation!r}")
+    """The gated activation of GEMM1's output h [M, 2I] in plain torch: the torch peers use the
+    formulas of moe_kernels.modular.gated_activation (DESIGN.md; silu, exact-erf gelu, swigluoai)."""
+    return gated_activation(h, activation, gate_up_interleaved, alpha, limit)
 
 
 def _row_bias(bias, ids, order):

@@ -17,7 +17,7 @@ import moe_kernels
 from . import features, fourbit, roofline
 from .gemm import routed_offsets
 from .harness import FP8, Context, Times
-from .layer import biases, torch_bf16_layer
+from .layer import biases
 
 TOKENS = [1, 16, 64, 128, 1024, 4096]
 QUICK_TOKENS = [16, 64, 4096]
@@ -45,11 +45,7 @@ def rows(ctx, m, T, wt):
     out = []
     if not why:
         b1, b2 = wt["b"]
-        one, a = torch.ones(E, device="cuda"), torch.tensor([0.02], device="cuda")
-        peers = {
-            "ours_fp8": fourbit.fp8_layer_call(m, x, wt["w18"], wt["w28"], w, ids, one, one, a, a, b1, b2),
-            "torch_bf16": lambda: torch_bf16_layer(x, wt["w1b"], wt["w2b"], w, ids, E, m.layer_kwargs(), b1, b2),
-        }
+        peers = fourbit.layer_peers(m, x, wt, w, ids)
         kw = fourbit.layer_keywords(m, b1, b2)
     for op, (a_dtype, peak) in VARIANTS.items():
         if why:
