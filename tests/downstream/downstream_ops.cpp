@@ -22,6 +22,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute(const at::Ten
 
 }  // namespace
 
+// The combine: moe_unpermute without its optional expert bias (a kernel's C++ signature must match
+// the schema it is registered for, so the public function is wrapped rather than passed as is).
+static at::Tensor combine(const at::Tensor& permuted, const at::Tensor& topk_weights, const at::Tensor& inv_permuted_idx) {
+  return moe_kernels::moe_unpermute(permuted, topk_weights, inv_permuted_idx);
+}
+
 TORCH_LIBRARY(moe_kernels_downstream, m) {
   m.def("route(Tensor scores, Tensor? bias, int num_expert_group, int topk_group, int topk) "
         "-> (Tensor topk_weights, Tensor topk_ids)",
@@ -29,6 +35,5 @@ TORCH_LIBRARY(moe_kernels_downstream, m) {
   m.def("permute(Tensor hidden_states, Tensor topk_ids, int num_experts) "
         "-> (Tensor permuted, Tensor expert_offsets, Tensor inv_permuted_idx, Tensor permuted_idx)",
         &permute);
-  m.def("combine(Tensor permuted, Tensor topk_weights, Tensor inv_permuted_idx) -> Tensor",
-        &moe_kernels::moe_unpermute);
+  m.def("combine(Tensor permuted, Tensor topk_weights, Tensor inv_permuted_idx) -> Tensor", &combine);
 }
