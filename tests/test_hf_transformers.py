@@ -533,8 +533,10 @@ def write_mxfp4_gpt_oss(directory):
 def load_mxfp4_gpt_oss(directory):
     # Without a GPU (and its Triton kernels) transformers dequantizes MXFP4 at load; saying so
     # explicitly also works where accelerate or the `kernels` package are missing.
+    # .float(): transformers 5.17 (the GPU machine's) leaves the dequantized experts in bf16 beside an
+    # fp32 model, and its own eager forward then fails on the dtype mismatch; bf16 -> fp32 is exact.
     return transformers.AutoModelForCausalLM.from_pretrained(
-        directory, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+        directory, quantization_config=transformers.Mxfp4Config(dequantize=True)).float().eval()
 
 
 needs_mxfp4 = pytest.mark.skipif(not hasattr(moe_kernels_pkg, "cutlass_moe_mxfp4"),
