@@ -48,12 +48,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_entry(rank, rank_main, world, port, results, *args):
+    """A spawned rank: faulthandler on (a rank killed by a signal, e.g. the SIGABRT of a C++
+    std::terminate in gloo or in an op, prints every thread's Python stack to the stderr that pytest
+    captures, instead of one line), then rank_main, then a marker saying that it returned."""
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)
+    rank_main(rank, world, port, results, *args)
+    results[(_DONE, rank)] = True
+
+
+_DONE = "__spawn_ranks_done__"
+
+
 def spawn_ranks(rank_main, world, *args) -> dict:
     """Runs rank_main(rank, world, port, results, *args) in `world` processes (torch.multiprocessing,
-    a fresh rendezvous port) and returns what the ranks stored in the shared dict `results`."""
+    a fresh rendezvous port) and returns what the ranks stored in the shared dict `results`.
+
+    A rank killed by a signal (not a Python exception: those fail at once) gets one more attempt,
+    with a fresh Manager and rendezvous port, and a warning naming the signal and which ranks had
+    returned. Why: under torch 2.11 in the full CI run, a gloo rank of tests/test_ep_chunked.py's
+    world-4 fixture died once per run with "terminate called without an active exception" (C++
+    std::terminate, no Python error), twice; it did not reproduce alone, after the files before it,
+    in a later full 2.11 run, in repeated world-4 runs or under CPU load: a rare crash (gloo or
+    teardown timing), not a wrong result. Every result the tests check comes from the
+    attempt that completed, so a retry cannot turn a wrong result into a pass; a crash that repeats
+    still fails, with every thread's stack (see _rank_entry)."""
+    import warnings
+
     import torch.multiprocessing as mp
 
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(rank_main, args=(world, free_port(), results, *args), nprocs=world)
-        return dict(results)
+    for attempt in (1, 2):
+        with mp.Manager() as manager:
+            results = manager.dict()
+            try:
+                mp.spawn(_rank_entry, args=(rank_main, world, free_port(), results, *args), nprocs=world)
+            except mp.ProcessExitedException as e:
+                done = sorted(k[1] for k in results.keys() if isinstance(k, tuple) and k[:1] == (_DONE,))
+                msg = (f"spawn_ranks({rank_main.__module__}.{rank_main.__name__}, world={world}), attempt "
+                       f"{attempt}: {e} (exit code {e.exit_code}); ranks that had returned: {done}")
+                if attempt == 2 or e.exit_code >= 0:  # exit_code < 0: killed by signal -exit_code
+                    raise RuntimeError(msg) from e
+                warnings.warn(msg + "; retrying once", RuntimeWarning)
+                continue
+            return {k: v for k, v in results.items() if not (isinstance(k, tuple) and k[:1] == (_DONE,))}

@@ -161,6 +161,9 @@ def _rank_main(rank, world, port, results):
             results[(rank, "overflow")] = "no error"
         except CapacityOverflowError as e:
             results[(rank, "overflow")] = f"raised: {e}"
+        # No rank tears its gloo pairs down while a peer may still be reading from them (ranks leave
+        # the last collective at different times): a teardown race is one way a rank can die.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
