@@ -40,7 +40,7 @@ struct GroupQuantParams {
 // per-token kernel, the gated activations' arithmetic takes most registers: fewer items there,
 // so that four blocks (16 warps) fit an SM.
 template <typename Input>
-constexpr int group_items() { return Input::kCheapCompute ? 8 : 3; }
+constexpr int group_items() { return Input::kCheapCompute ? 8 : 2; }
 
 template <typename Input, int kVec, int kItems = group_items<Input>()>
 __device__ __forceinline__ void quantize_group_items(const GroupQuantParams<Input>& p, int64_t g0,
@@ -114,30 +114,36 @@ __global__ void __launch_bounds__(kQuantThreads, 4) quantize_per_group_kernel(Gr
       quantize_group_items<Input, kVec>(p, base + lane / p.lanes, groups_per_step, sub);
     return;
   }
-  // Longer groups (lanes = 32): each lane walks its vectors of the group twice (amax, then
-  // quantize: the second load is an L1/L2 hit).
+  // Longer groups (lanes = 32): each lane walks its vectors of the group twice, amax then
+  // quantize (the second load is an L1/L2 hit), in one loop so that the activation's code is
+  // emitted once.
   for (int64_t g = warp; g < groups; g += warps) {
     const int64_t r = g / p.groups_per_row;
     const int64_t col_group = g - r * p.groups_per_row;
     const int64_t first_vec = col_group * p.vecs_per_group;  // vector index inside row r
     const auto row = p.input.row(r);
-    float y[kVec];
     float amax = 0.0f;
-    for (int64_t v = sub; v < p.vecs_per_group; v += 32) {
-      p.input.load(row, first_vec + v, y);
+    float scale = 0.0f;
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int64_t v = sub; v < p.vecs_per_group; v += 32) {
+        float y[kVec];
+        p.input.load(row, first_vec + v, y);
+        if (pass == 0) {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fp8::amax_term(y[j]));
-    }
+          for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fp8::amax_term(y[j]));
+        } else {
+          float s[kVec];
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    const float scale = fp8::group_scale_from_amax(amax);
-    if (sub == 0) p.scales[r * p.scale_row_stride + col_group * p.scale_group_stride] = scale;
-    for (int64_t v = sub; v < p.vecs_per_group; v += 32) {
-      p.input.load(row, first_vec + v, y);
-      float s[kVec];
+          for (int j = 0; j < kVec; ++j) s[j] = fp8::div_rn(y[j], scale);
+          store_scaled_e4m3<kVec>(p.q + (r * vecs_per_row + first_vec + v) * kVec, s);
+        }
+      }
+      if (pass == 0) {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) s[j] = fp8::div_rn(y[j], scale);
-      store_scaled_e4m3<kVec>(p.q + (r * vecs_per_row + first_vec + v) * kVec, s);
+        for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+        scale = fp8::group_scale_from_amax(amax);
+        if (sub == 0) p.scales[r * p.scale_row_stride + col_group * p.scale_group_stride] = scale;
+      }
     }
   }
 }
