@@ -355,6 +355,31 @@ def test_act_cuda_matches_cpu(activation, interleaved, with_bias, mode, dtype, M
     assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))
 
 
+# The MoE models' GEMM1 outputs in their own activation, layout and bias, per token (the
+# per-token kernel's team sizes: Qwen3-30B's 768 and Qwen3-235B's 1536 on one warp, DeepSeek-V3's
+# 2048 on two, gpt-oss's 2880 on four, Mixtral's 14336 in two chunks, one in shared memory), and
+# an odd I (one value a vector) of gpt-oss's layout.
+@pytest.mark.cuda
+@pytest.mark.parametrize("I,activation,interleaved,with_bias", [
+    (768, "silu", False, False), (1536, "silu", False, False), (2048, "silu", False, False),
+    (2880, "swigluoai", True, True), (2881, "swigluoai", True, True), (14336, "silu", False, False),
+    (14336, "gelu", True, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_act_per_token_cuda_matches_cpu_at_model_shapes(I, activation, interleaved, with_bias, dtype):
+    M, E = 67, 4
+    x = random_gemm1_output(M, I, dtype)
+    bias = torch.randn(E, 2 * I) * 3 if with_bias else None
+    offsets = random_offsets(M, E) if with_bias else None
+    want_q, want_s = run_act(x, "per_token", activation, interleaved, bias, offsets)
+    poison_cuda_allocator(0xFF)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    q, s = run_act(x.cuda(), "per_token", activation, interleaved, cuda(bias), cuda(offsets))
+    torch.cuda.synchronize()
+    assert torch.equal(s.cpu(), want_s)
+    assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+    assert not q.cpu().float().isnan().any()  # finite inputs: an unwritten (poisoned) byte is NaN
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("H", [40, 2880, 7168, 7])
