@@ -17,10 +17,12 @@
 //   are added in warp order: bit-identical results run to run, no atomics.
 // - The products run on the tensor cores as mma.sync m16n8k32 e4m3 x e4m3 -> fp32 (sm_89+): the 16
 //   weight rows of a tile are the MMA's M side and up to 8 activation rows its N side. The fp8
-//   bytes go into the MMA as loaded (no conversion instructions, which would cost more issue slots
-//   than the weight bytes arriving per SM allow). Rows past 8 loop over chunks of 8 (any count is
-//   correct; each chunk streams the weights again, which only happens when few experts take many
-//   rows, outside the shapes this kernel is chosen for).
+//   bytes go into the MMA as loaded; on sm_90a ptxas lowers it to F2FP.F16.E4M3 unpacks (one per
+//   2 bytes, exact) and fp32-accumulating HMMA.16816 (seen in the SASS: per 8 KiB of weights a warp
+//   issues about 330 instructions, 160 of them unpacks), cheaper than CUDA-core dot products,
+//   which need an fp32 conversion per element besides. Rows past 8 loop over chunks of 8 (any
+//   count is correct; each chunk streams the weights again, which only happens when few experts
+//   take many rows, outside the shapes this kernel is chosen for).
 // - Activations are read straight from global memory (through L1/L2): the warps of a CTA read
 //   disjoint K ranges, so staging them in shared memory would give no reuse inside a CTA; the CTAs
 //   of one expert share them through L2.
