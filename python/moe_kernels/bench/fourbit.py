@@ -64,29 +64,30 @@ def call_gemm(gemm: Callable, a, w, w_scale, expert_offsets, a_scale=None):
     return gemm(a, w, w_scale, expert_offsets, a_scale)
 
 
-def fp8_layer_call(m, x, w1, w2, w, ids, s1, s2, a1, a2, b1=None, b2=None) -> Union[Callable, str]:
+def fp8_layer_call(m, x, w1, w2, s1, s2, a1, a2, b1=None, b2=None) -> Union[Callable, str]:
     """Our FP8 layer on the model's experts (the peer `ours_fp8` of the 4-bit rows) as a callable of
-    no arguments, or why this build cannot run it (activation keywords: branch act)."""
+    (ids, w) (the routing of each call), or why this build cannot run it (activation keywords:
+    branch act)."""
     import moe_kernels
 
     why = features.missing("cutlass_moe_fp8", *features.layer_needs(m), where="activation keywords: branch act")
     if why:
         return why.replace("skipped:", "n/a:")
     kw = dict(m.layer_kwargs(), **({"w1_bias": b1, "w2_bias": b2} if m.expert_bias else {}))
-    return lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s1, s2, a1, a2, **kw)
+    return lambda ids, w: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s1, s2, a1, a2, **kw)
 
 
-def layer_peers(m, x, wt: dict, w, ids) -> dict:
-    """The peers of a 4-bit layer row (layer_mxfp4, layer_w4a8) on the same routing: our FP8 layer
+def layer_peers(m, x, wt: dict) -> dict:
+    """The peers of a 4-bit layer row (layer_mxfp4, layer_w4a8) on the same routings: our FP8 layer
     (`ours_fp8`, unit weight scales, static activation scales 0.02) on wt's e4m3 weights, and the bf16
-    torch layer on wt's bf16 weights; each a callable, or why it cannot run."""
+    torch layer on wt's bf16 weights; each a callable of (ids, w), or why it cannot run."""
     from .layer import torch_bf16_layer
 
     b1, b2 = wt["b"]
     one, a = torch.ones(m.E, device="cuda"), torch.tensor([0.02], device="cuda")
     return {
-        "ours_fp8": fp8_layer_call(m, x, wt["w18"], wt["w28"], w, ids, one, one, a, a, b1, b2),
-        "torch_bf16": lambda: torch_bf16_layer(x, wt["w1b"], wt["w2b"], w, ids, m.E, m.layer_kwargs(), b1, b2),
+        "ours_fp8": fp8_layer_call(m, x, wt["w18"], wt["w28"], one, one, a, a, b1, b2),
+        "torch_bf16": lambda ids, w: torch_bf16_layer(x, wt["w1b"], wt["w2b"], w, ids, m.E, m.layer_kwargs(), b1, b2),
     }
 
 

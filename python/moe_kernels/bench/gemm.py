@@ -13,7 +13,7 @@ import torch
 import moe_kernels
 
 from . import roofline
-from .harness import FP8, Context, forced_gemm_config
+from .harness import FP8, ROTATION_MAX_SETS, Context, forced_gemm_config, sets_for
 
 TOKENS = [16, 128, 1024, 4096, 16384]
 QUICK_TOKENS = [16, 1024, 4096]
@@ -37,40 +37,52 @@ def weights(m):
     return out
 
 
-def gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets):
+def offsets_sets(T, K, E, bytes_of):
+    """Expert offsets of the routings a row's graph cycles through, and the mean experts with rows:
+    one routing, or more (drawn afresh) while one call's bytes (bytes_of(touched)) are fewer than
+    L2_ROTATION_BYTES, as layer.routing_sets: graph launch latency amortized, experts read from
+    memory rather than from the previous call's L2."""
+    sets = []
+    while True:
+        sets.append(routed_offsets(T, K, E)[0])
+        touched = [roofline.experts_with_rows(o) for o in sets]
+        if len(sets) >= sets_for(bytes_of(touched[0]), ROTATION_MAX_SETS):
+            return sets, sum(touched) / len(touched)
+
+
+def gemm_rows(ctx, m, T, name, N, K, b16, b8):
     M = T * m.K
+    sets, touched = offsets_sets(T, m.K, m.E, lambda n: roofline.grouped_gemm(M, N, K, n, roofline.FP8_TENSOR).read)
     a16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     a8 = a16.to(FP8)
     a_s, b_s = torch.ones(1, device="cuda"), torch.ones(m.E, device="cuda")
     sa, sb = torch.ones(M, device="cuda"), torch.ones(m.E, N, device="cuda")
-    offs = offsets[1:].to(torch.int32)  # the peers' int32 cumulative row ends
+    arg_sets = [(o, o[1:].to(torch.int32)) for o in sets]  # ours, and the peers' int32 cumulative row ends
     b8t, b16t = b8.transpose(1, 2), b16.transpose(1, 2)
     gemm = moe_kernels.cutlass_grouped_gemm_fp8
     rows = []
     for config in ctx.gemm_configs:
         with forced_gemm_config(config):
             t = ctx.measure({
-                "tensor": lambda: gemm(a8, b8, a_s, b_s, offsets),
-                "rowwise": lambda: gemm(a8, b8, sa, sb, offsets),
-                "torch_scaled_grouped_mm": lambda: torch._scaled_grouped_mm(
+                "tensor": lambda o, offs: gemm(a8, b8, a_s, b_s, o),
+                "rowwise": lambda o, offs: gemm(a8, b8, sa, sb, o),
+                "torch_scaled_grouped_mm": lambda o, offs: torch._scaled_grouped_mm(
                     a8, b8t, sa, sb, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True),
-                "torch_grouped_mm_bf16": lambda: torch._grouped_mm(a16, b16t, offs=offs),
-            })
+                "torch_grouped_mm_bf16": lambda o, offs: torch._grouped_mm(a16, b16t, offs=offs),
+            }, arg_sets)
         peers = [k for k in t if k.startswith("torch")]
-        touched = roofline.experts_with_rows(offsets)
         traffic = {"tensor": roofline.grouped_gemm(M, N, K, touched, roofline.FP8_TENSOR, a_scale_bytes=4),
                    "rowwise": roofline.grouped_gemm(M, N, K, touched, roofline.FP8_CHANNEL, a_scale_bytes=4 * M)}
         for ours in ("tensor", "rowwise"):
             rows.append(ctx.row(name if ours == "tensor" else f"{name}_rowwise", m, T, t, 2 * M * N * K, "fp8",
                                 ours=ours, peers=peers, traffic=traffic[ours], config=config or "auto",
-                                M=M, N=N, K=K, touched_experts=touched))
+                                M=M, N=N, K=K, touched_experts=touched, routings=len(sets)))
     return rows
 
 
 def run(ctx: Context) -> list:
     rows = []
     for m, T, w in ctx.grid_with(TOKENS, QUICK_TOKENS, weights):
-        offsets, _ = routed_offsets(T, m.K, m.E)
         for name, (N, K, b16, b8) in w.items():
-            rows += gemm_rows(ctx, m, T, name, N, K, b16, b8, offsets)
+            rows += gemm_rows(ctx, m, T, name, N, K, b16, b8)
     return rows

@@ -15,7 +15,7 @@ import torch
 import moe_kernels
 
 from . import fourbit, roofline
-from .gemm import routed_offsets
+from .gemm import offsets_sets
 from .harness import FP8, Context, Times
 
 TOKENS = [16, 128, 1024, 4096, 16384]
@@ -33,18 +33,18 @@ def weights(m):
     return out
 
 
-def gemm_rows(ctx, m, T, name, N, K, blocks, scales, b8, b16, offsets, gemm):
+def gemm_rows(ctx, m, T, name, N, K, blocks, scales, b8, b16, gemm):
     M = T * m.K
+    sets, touched = offsets_sets(T, m.K, m.E, lambda n: roofline.grouped_gemm(M, N, K, n, roofline.MXFP4).read)
+    arg_sets = [(o, o[1:].to(torch.int32)) for o in sets]  # ours, and the torch peer's int32 row ends
     a16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     a8 = a16.to(FP8)
     sa, sb = torch.ones(M, device="cuda"), torch.ones(m.E, N, device="cuda")
-    touched = roofline.experts_with_rows(offsets)
-    peers = {"ours_fp8": lambda: moe_kernels.cutlass_grouped_gemm_fp8(a8, b8, sa, sb, offsets),
-             "torch_grouped_mm_bf16": lambda: torch._grouped_mm(a16, b16.transpose(1, 2),
-                                                                offs=offsets[1:].to(torch.int32))}
+    peers = {"ours_fp8": lambda o, offs: moe_kernels.cutlass_grouped_gemm_fp8(a8, b8, sa, sb, o),
+             "torch_grouped_mm_bf16": lambda o, offs: torch._grouped_mm(a16, b16.transpose(1, 2), offs=offs)}
     variants = {  # op: (our call, bytes per A element, A scale bytes, MMA peak)
-        f"{name}_mxfp4": (lambda: fourbit.call_gemm(gemm, a16, blocks, scales, offsets), 2, 0, "bf16"),
-        f"{name}_mxfp4_a8": (lambda: fourbit.call_gemm(gemm, a8, blocks, scales, offsets, sa), 1, 4 * M, "fp8"),
+        f"{name}_mxfp4": (lambda o, offs: fourbit.call_gemm(gemm, a16, blocks, scales, o), 2, 0, "bf16"),
+        f"{name}_mxfp4_a8": (lambda o, offs: fourbit.call_gemm(gemm, a8, blocks, scales, o, sa), 1, 4 * M, "fp8"),
     }
     rows = []
     for op, (ours, a_bytes, a_scale_bytes, peak) in variants.items():
@@ -54,9 +54,9 @@ def gemm_rows(ctx, m, T, name, N, K, blocks, scales, b8, b16, offsets, gemm):
             t["ours"] = gemm
             rows.append(ctx.row(op, m, T, t, peers=[], traffic=traffic, compute=peak))
             continue
-        t = ctx.measure({"ours": ours, **peers})
+        t = ctx.measure({"ours": ours, **peers}, arg_sets)
         rows.append(ctx.row(op, m, T, t, 2 * M * N * K, peak, peers=list(peers), traffic=traffic, compute=peak,
-                            M=M, N=N, K=K, touched_experts=touched))
+                            M=M, N=N, K=K, touched_experts=touched, routings=len(sets)))
     return rows
 
 
@@ -67,7 +67,6 @@ def run(ctx: Context) -> list:
                                                                   (("gemm1", 2 * m.I, m.H), ("gemm2", m.H, m.I))})
     rows = []
     for m, T, w in ctx.grid_with(TOKENS, QUICK_TOKENS, setup, skip=lambda m: m.H % 32 or m.I % 32):
-        offsets, _ = routed_offsets(T, m.K, m.E)
         for name, (N, K, blocks, scales, b8, b16) in w.items():
-            rows += gemm_rows(ctx, m, T, name, N, K, blocks, scales, b8, b16, offsets, gemm)
+            rows += gemm_rows(ctx, m, T, name, N, K, blocks, scales, b8, b16, gemm)
     return rows

@@ -23,6 +23,9 @@ from .models import Model
 from .roofline import Traffic
 
 L2_ROTATION_BYTES = 256 << 20  # rotate inputs until this many bytes: several times the H100/H200 L2
+# Routings a gemm/layer row cycles through at most (routing_sets in layer.py): at decode a call
+# reads a few experts, and 16 calls per replay leave the graph launch ~1/16 of one call's time.
+ROTATION_MAX_SETS = 16
 FP8 = torch.float8_e4m3fn
 
 
@@ -167,33 +170,45 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> Tuple[float, dict]:
     return max(rates.values()), details
 
 
-def read_forms(x: torch.Tensor) -> Dict[str, Callable]:
-    """Ways to read all of x (fp32, contiguous) through an SM kernel that writes almost nothing:
-    PyTorch's reductions. A reduction reads each byte once with vectorized loads from every SM and
-    writes one value per output (a scalar, or one per 64 KiB row), and its arithmetic per byte is
-    negligible, so its rate is what the memory system gives SMs that only read: the stream a GEMM's
-    weights are (read once, never written). No op of ours is needed, and no copy engine takes part
-    (a memcpy node would both read and write)."""
+def read_forms(x: torch.Tensor) -> Dict[str, Tuple[Callable, int]]:
+    """Ways to read all of x (fp32, contiguous) through an SM kernel that writes almost nothing,
+    each with the bytes it moves (read plus its small output):
+    - PyTorch's reductions: each byte read once with vectorized loads from every SM, one value
+      written per output (a scalar, or one per 64 KiB row), negligible arithmetic per byte.
+    - cuBLAS's FP8 GEMM of 16 rows against x seen as an e4m3 [N, 16384] weight: the stream a
+      decode GEMM's weights are (TMA loads, read once, never written), by a kernel that is not
+      ours. Added after the H200 run of 2026-12-04, where the reductions reached 4279 GB/s and our
+      GEMM1 on DeepSeek-V3 streamed its weights at 1.00-1.01 of that: the reductions alone
+      undercount what the memory system gives a TMA read stream.
+    No copy engine takes part (a memcpy node would both read and write)."""
+    n = x.numel() * 4
     rows = x.view(-1, 16384)
+    k = 16384
+    w = x.view(torch.uint8).view(FP8).view(-1, k)  # [N, K]: N = bytes / 16 KiB
+    a = torch.ones(16, k, device=x.device).to(FP8)
+    one = torch.ones((), device=x.device)
+    mm_bytes = n + a.numel() + 16 * w.shape[0] * 2  # weights + activations read, bf16 output written
     return {
-        "sum fp32": lambda: torch.sum(x),
-        "amax bf16": lambda: torch.amax(x.view(torch.bfloat16)),
-        "sum rows fp32": lambda: rows.sum(dim=1),
+        "sum fp32": (lambda: torch.sum(x), n),
+        "amax bf16": (lambda: torch.amax(x.view(torch.bfloat16)), n),
+        "sum rows fp32": (lambda: rows.sum(dim=1), n),
+        "scaled_mm fp8 16 rows": (lambda: torch._scaled_mm(a, w.t(), one, one, out_dtype=torch.bfloat16), mm_bytes),
     }
 
 
 def read_bandwidth(nbytes: int = 1 << 30) -> Tuple[float, dict]:
-    """The read ceiling in bytes/s, counting bytes read: the best of read_forms over a buffer of
-    nbytes (far larger than L2, so every replay reads from memory)."""
+    """The read ceiling in bytes/s, counting bytes moved (read, and the few written): the best of
+    read_forms over a buffer of nbytes (far larger than L2, so every replay reads from memory)."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_(-1, 1)
-    kernels = {name: _kernel_names(fn) for name, fn in read_forms(x[: 1 << 20]).items()}
-    t = measure(read_forms(x), reps=10, rounds=2)
-    rates = {name: nbytes / s for name, s in t.items() if isinstance(s, float)}
+    kernels = {name: _kernel_names(fn) for name, (fn, _) in read_forms(x[: 1 << 20]).items()}
+    forms = read_forms(x)
+    t = measure({name: fn for name, (fn, _) in forms.items()}, reps=10, rounds=3)
+    rates = {name: forms[name][1] / s for name, s in t.items() if isinstance(s, float)}
     if not rates:
         raise RuntimeError(f"read ceiling: no read-only kernel could be timed: {dict(t)}")
     return max(rates.values()), {"forms_Bps": rates, "kernels": kernels, "buffer_bytes": nbytes,
-                                 "how": "torch reductions (sum, amax) over a 1 GiB tensor: SM kernels that "
-                                        "only read"}
+                                 "how": "torch reductions (sum, amax) and a 16-row cuBLAS FP8 GEMM over a 1 GiB "
+                                        "tensor: SM kernels that only read (the GEMM writes 0.2% of it)"}
 
 
 def bf16_peak() -> Tuple[float, dict]:

@@ -19,7 +19,7 @@ import moe_kernels
 from . import features, hf_experts, roofline
 from ..modular.experts import gated_activation
 from .gemm import routed_offsets
-from .harness import FP8, Context, Times
+from .harness import FP8, ROTATION_MAX_SETS, Context, Times, sets_for
 
 # Every contender's CUDA graph holds its intermediates at once: beyond 4096 tokens DeepSeek-V3's
 # (34 GB of bf16 + fp8 weights, ~10 GB per torch layer) would not fit an 80 GB H100.
@@ -105,8 +105,9 @@ def weights(m):
 
 
 def hf_peer(impl, m, T, w1b, w2b, x, ids, w):
-    """HF's `impl` backend as a callable of no arguments, checked against the bf16 torch layer on
-    these inputs (a wrongly called peer would be timed on wrong work); or why it is n/a."""
+    """HF's `impl` experts backend, fn(x, ids as int64, weights as bf16), checked against the bf16
+    torch layer on these inputs (a wrongly called peer would be timed on wrong work); or why it is
+    n/a."""
     if m.layer_kwargs() or m.expert_bias:
         return "n/a (the HF peer runs SwiGLU experts without biases only)"
     if impl == "batched_mm":  # it gathers each choice's expert weights: T*K copies of w1 and w2
@@ -125,7 +126,23 @@ def hf_peer(impl, m, T, w1b, w2b, x, ids, w):
     err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
     if err > HF_CHECK_TOL:
         return f"n/a (output differs from the torch layer: relative max error {err:.2g})"
-    return lambda: fn(x, ids64, wb)
+    return fn  # called as fn(x, ids as int64, weights as bf16)
+
+
+def routing_sets(T, K, E, traffic_of):
+    """The routings a row's graph cycles through: (ids [T, K] int32, weights [T, K] fp32, expert
+    offsets [E+1]) each, and the mean experts they touch. One, unless the weights one routing
+    touches are fewer bytes than L2_ROTATION_BYTES (decode on the smaller models): then more
+    routings, each drawn afresh, so that one graph replay makes several calls (the graph launch's
+    latency, ~5-10 us, is no longer timed as the layer's) that read mostly different experts (not
+    the previous call's experts from L2). traffic_of(touched) gives the bytes of one call."""
+    sets = []
+    while True:
+        offsets, ids = routed_offsets(T, K, E)
+        sets.append((ids, torch.rand(T, K, device="cuda"), offsets))
+        touched = [roofline.touched_experts(s[0], E) for s in sets]
+        if len(sets) >= sets_for(traffic_of(touched[0]).read, ROTATION_MAX_SETS):
+            return sets, sum(touched) / len(touched)
 
 
 def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
@@ -133,11 +150,14 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     s = torch.ones(E, device="cuda")
     a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.02], device="cuda")
-    offsets, ids = routed_offsets(T, K, E)
-    w = torch.rand(T, K, device="cuda")
     M = T * K
-    traffic = roofline.moe_layer(T, K, H, I, roofline.touched_experts(ids, E), roofline.FP8_TENSOR,
-                                 biases=m.expert_bias)
+
+    def traffic_of(touched):
+        return roofline.moe_layer(T, K, H, I, touched, roofline.FP8_TENSOR, biases=m.expert_bias)
+
+    routings, touched = routing_sets(T, K, E, traffic_of)
+    traffic = traffic_of(touched)
+    ids, w, offsets = routings[0]
     act = m.layer_kwargs()
     kw = dict(act, **({"w1_bias": b1, "w2_bias": b2} if m.expert_bias else {}))
     skipped = features.missing("cutlass_moe_fp8", *features.layer_needs(m), where="activation keywords: branch act")
@@ -146,28 +166,31 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
         t["ours"] = skipped
         return ctx.row("layer", m, T, t, peers=[], traffic=traffic)
     sr1, sr2 = torch.ones(E, 2 * I, device="cuda"), torch.ones(E, H, device="cuda")
-    # The layer's steps alone, on this routing and the layer's scales.
+    # The layer's steps alone, on these routings and the layer's scales.
     xq = torch.randn(M, H, device="cuda").to(FP8)
     yq = torch.randn(M, I, device="cuda").to(FP8)
     h1 = torch.randn(M, 2 * I, device="cuda", dtype=torch.bfloat16)
     h2 = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
     xq_tokens, _ = moe_kernels.scaled_fp8_quant(x, a1)
-    _, _, inv, _ = moe_kernels.moe_permute(xq_tokens, ids, E)
+    # One argument set per routing: (ids, w, offsets, inv, ids as int64 and w as bf16 for HF).
+    sets = [(i, wt, o, moe_kernels.moe_permute(xq_tokens, i, E)[2], i.long(), wt.to(torch.bfloat16))
+            for i, wt, o in routings]
     # The activation step with the model's activation where the op takes it (else silu's time).
     act_quant = act if features.accepts("silu_and_mul_quant_fp8", *act) else {}
     hf = {f"hf_{impl}": hf_peer(impl, m, T, w1b, w2b, x, ids, w) for impl in ("grouped_mm", "batched_mm")}
     t = ctx.measure({
-        "ours": lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2, **kw),
-        "torch_fp8": lambda: torch_fp8_layer(x, w1, w2, sr1, sr2, w, ids, E, act, b1, b2),
-        "torch_bf16": lambda: torch_bf16_layer(x, w1b, w2b, w, ids, E, act, b1, b2),
-        **{name: fn for name, fn in hf.items() if not isinstance(fn, str)},
-        "gemm1": lambda: moe_kernels.cutlass_grouped_gemm_fp8(xq, w1, a1, s, offsets),
-        "gemm2": lambda: moe_kernels.cutlass_grouped_gemm_fp8(yq, w2, a2, s, offsets),
-        "quant": lambda: moe_kernels.scaled_fp8_quant(x, a1),
-        "permute": lambda: moe_kernels.moe_permute(xq_tokens, ids, E),
-        "silu_quant": lambda: moe_kernels.silu_and_mul_quant_fp8(h1, a2, **act_quant),
-        "unpermute": lambda: moe_kernels.moe_unpermute(h2, w, inv),
-    })
+        "ours": lambda i, wt, o, inv, i64, wb: moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **kw),
+        "torch_fp8": lambda i, wt, o, inv, i64, wb: torch_fp8_layer(x, w1, w2, sr1, sr2, wt, i, E, act, b1, b2),
+        "torch_bf16": lambda i, wt, o, inv, i64, wb: torch_bf16_layer(x, w1b, w2b, wt, i, E, act, b1, b2),
+        **{name: (lambda i, wt, o, inv, i64, wb, f=fn: f(x, i64, wb)) for name, fn in hf.items()
+           if not isinstance(fn, str)},
+        "gemm1": lambda i, wt, o, inv, i64, wb: moe_kernels.cutlass_grouped_gemm_fp8(xq, w1, a1, s, o),
+        "gemm2": lambda i, wt, o, inv, i64, wb: moe_kernels.cutlass_grouped_gemm_fp8(yq, w2, a2, s, o),
+        "quant": lambda *_: moe_kernels.scaled_fp8_quant(x, a1),
+        "permute": lambda i, *_: moe_kernels.moe_permute(xq_tokens, i, E),
+        "silu_quant": lambda *_: moe_kernels.silu_and_mul_quant_fp8(h1, a2, **act_quant),
+        "unpermute": lambda i, wt, o, inv, i64, wb: moe_kernels.moe_unpermute(h2, wt, inv),
+    }, sets)
     steps = {f"{k}_us": t[k] * 1e6 if isinstance(t[k], float) else None for k in STEPS}
     gemm_share = None
     if all(isinstance(t[k], float) for k in ("ours", "gemm1", "gemm2")):
@@ -178,7 +201,7 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     if act and not act_quant:
         extra["silu_quant_note"] = "silu_and_mul_quant_fp8 takes no activation keyword in this build: silu's time"
     return ctx.row("layer", m, T, t, 6 * M * H * I, "fp8", peers=PEERS, traffic=traffic,
-                   gemm_share=gemm_share, **steps, **extra)
+                   gemm_share=gemm_share, routings=len(sets), touched_experts=touched, **steps, **extra)
 
 
 def run(ctx: Context) -> list:

@@ -13,10 +13,9 @@ import torch
 
 import moe_kernels
 
-from .gemm import routed_offsets
 from . import roofline
 from .harness import FP8, Context
-from .layer import torch_bf16_layer
+from .layer import routing_sets, torch_bf16_layer
 
 TOKENS = [16, 1024, 4096]
 QUICK_TOKENS = [16, 4096]
@@ -35,18 +34,23 @@ def rows(ctx, m, T, w1b, w2b, w1, w2, s1, s2):
     E, K, H, I = m.E, m.K, m.H, m.I
     G = H // BLOCK
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    _, ids = routed_offsets(T, K, E)
-    w = torch.rand(T, K, device="cuda")
+
+    def traffic_of(touched):
+        return roofline.moe_layer(T, K, H, I, touched, roofline.FP8_BLOCK)
+
+    routings, touched = routing_sets(T, K, E, traffic_of)
+    sets = [(i, wt) for i, wt, _ in routings]
+    ids = sets[0][0]
     c1, c2 = torch.ones(E, 2 * I, device="cuda"), torch.ones(E, H, device="cuda")
     layer = moe_kernels.cutlass_moe_fp8
     t = ctx.measure({
-        "block": lambda: layer(x, w1, w2, w, ids, s1, s2),
-        "ours_per_channel": lambda: layer(x, w1, w2, w, ids, c1, c2, per_act_token=True, per_out_ch=True),
-        "torch_bf16": lambda: torch_bf16_layer(x, w1b, w2b, w, ids, E),
-    })
+        "block": lambda i, wt: layer(x, w1, w2, wt, i, s1, s2),
+        "ours_per_channel": lambda i, wt: layer(x, w1, w2, wt, i, c1, c2, per_act_token=True, per_out_ch=True),
+        "torch_bf16": lambda i, wt: torch_bf16_layer(x, w1b, w2b, wt, i, E),
+    }, sets)
     M = T * K
-    traffic = roofline.moe_layer(T, K, H, I, roofline.touched_experts(ids, E), roofline.FP8_BLOCK)
-    out = [ctx.row("layer_block", m, T, t, 6 * M * H * I, "fp8", ours="block", traffic=traffic)]
+    out = [ctx.row("layer_block", m, T, t, 6 * M * H * I, "fp8", ours="block", traffic=traffic_of(touched),
+                   routings=len(sets), touched_experts=touched)]
 
     def new_step():
         q, s = moe_kernels.per_token_group_quant_fp8(x, BLOCK)

@@ -15,9 +15,8 @@ import torch
 import moe_kernels
 
 from . import features, fourbit, roofline
-from .gemm import routed_offsets
 from .harness import FP8, Context, Times
-from .layer import biases
+from .layer import biases, routing_sets
 
 TOKENS = [1, 16, 64, 128, 1024, 4096]
 QUICK_TOKENS = [16, 64, 4096]
@@ -38,14 +37,18 @@ def weights(m):
 def rows(ctx, m, T, wt):
     E, K, H, I = m.E, m.K, m.H, m.I
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    _, ids = routed_offsets(T, K, E)
-    w = torch.rand(T, K, device="cuda")
-    traffic = roofline.moe_layer(T, K, H, I, roofline.touched_experts(ids, E), roofline.MXFP4, biases=m.expert_bias)
+
+    def traffic_of(touched):
+        return roofline.moe_layer(T, K, H, I, touched, roofline.MXFP4, biases=m.expert_bias)
+
+    routings, touched = routing_sets(T, K, E, traffic_of)
+    traffic = traffic_of(touched)
+    sets = [(ids, w) for ids, w, _ in routings]
     why = features.missing("cutlass_moe_mxfp4", *features.layer_needs(m), "a_dtype", where="branch fp4")
     out = []
     if not why:
         b1, b2 = wt["b"]
-        peers = fourbit.layer_peers(m, x, wt, w, ids)
+        peers = fourbit.layer_peers(m, x, wt)
         kw = fourbit.layer_keywords(m, b1, b2)
     for op, (a_dtype, peak) in VARIANTS.items():
         if why:
@@ -53,13 +56,13 @@ def rows(ctx, m, T, wt):
             t["ours"] = why
             out.append(ctx.row(op, m, T, t, peers=[], traffic=traffic, compute=peak))
             continue
-        fns = {"ours": lambda a_dtype=a_dtype: moe_kernels.cutlass_moe_mxfp4(
+        fns = {"ours": lambda ids, w, a_dtype=a_dtype: moe_kernels.cutlass_moe_mxfp4(
             x, wt["w1"], wt["w2"], w, ids, wt["s1"], wt["s2"], a_dtype=a_dtype, **kw)}
         fns.update({name: fn for name, fn in peers.items() if not isinstance(fn, str)})
-        t = ctx.measure(fns)
+        t = ctx.measure(fns, sets)
         t.update({name: fn for name, fn in peers.items() if isinstance(fn, str)})
         out.append(ctx.row(op, m, T, t, 6 * T * K * H * I, peak, peers=list(peers), traffic=traffic, compute=peak,
-                           a_dtype=str(a_dtype).replace("torch.", "")))
+                           a_dtype=str(a_dtype).replace("torch.", ""), routings=len(sets), touched_experts=touched))
     return out
 
 

@@ -16,9 +16,8 @@ import torch
 import moe_kernels
 
 from . import features, fourbit, roofline
-from .gemm import routed_offsets
 from .harness import FP8, Context, Times
-from .layer import biases
+from .layer import biases, routing_sets
 
 TOKENS = [1, 16, 64, 128, 1024, 4096]
 QUICK_TOKENS = [16, 64, 4096]
@@ -39,14 +38,18 @@ def weights(m):
 def rows(ctx, m, T, wt):
     E, K, H, I = m.E, m.K, m.H, m.I
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    _, ids = routed_offsets(T, K, E)
-    w = torch.rand(T, K, device="cuda")
-    traffic = roofline.moe_layer(T, K, H, I, roofline.touched_experts(ids, E), roofline.W4A8, biases=m.expert_bias)
+
+    def traffic_of(touched):
+        return roofline.moe_layer(T, K, H, I, touched, roofline.W4A8, biases=m.expert_bias)
+
+    routings, touched = routing_sets(T, K, E, traffic_of)
+    traffic = traffic_of(touched)
+    sets = [(ids, w) for ids, w, _ in routings]
     why = features.missing("cutlass_moe_w4a8", *features.layer_needs(m), where="branch fp4")
     out = []
     if not why:
         b1, b2 = wt["b"]
-        peers = fourbit.layer_peers(m, x, wt, w, ids)
+        peers = fourbit.layer_peers(m, x, wt)
         kw = fourbit.layer_keywords(m, b1, b2)
         a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.02], device="cuda")
     for op in VARIANTS:
@@ -56,13 +59,14 @@ def rows(ctx, m, T, wt):
             out.append(ctx.row(op, m, T, t, peers=[], traffic=traffic))
             continue
         scales = (a1, a2) if op == "layer_w4a8" else (None, None)
-        fns = {"ours": lambda scales=scales: moe_kernels.cutlass_moe_w4a8(
+        fns = {"ours": lambda ids, w, scales=scales: moe_kernels.cutlass_moe_w4a8(
             x, wt["w1"], wt["w2"], w, ids, wt["s1"], wt["s2"], *scales, **kw)}
         fns.update({name: fn for name, fn in peers.items() if not isinstance(fn, str)})
-        t = ctx.measure(fns)
+        t = ctx.measure(fns, sets)
         t.update({name: fn for name, fn in peers.items() if isinstance(fn, str)})
         out.append(ctx.row(op, m, T, t, 6 * T * K * H * I, "fp8", peers=list(peers), traffic=traffic,
-                           act_scales="static per tensor" if op == "layer_w4a8" else "dynamic per token"))
+                           act_scales="static per tensor" if op == "layer_w4a8" else "dynamic per token",
+                           routings=len(sets), touched_experts=touched))
     return out
 
 

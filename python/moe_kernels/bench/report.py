@@ -123,5 +123,5 @@ def ceiling_text(name: str, value: float, details: Optional[dict] = None) -> str
         return f"{value / 1e9:.0f} GB/s read + write, best SM copy kernel of: {forms}{memcpy}"
     if name == "read":
         forms = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in details.get("forms_Bps", {}).items())
-        return f"{value / 1e9:.0f} GB/s read only, best SM reduction of: {forms}"
+        return f"{value / 1e9:.0f} GB/s read only, best read-only SM kernel of: {forms}"
     return f"{value / 1e12:.0f} TFLOP/s ({details.get('how', '')})"
