@@ -45,6 +45,7 @@ STABLE_TORCH_LIBRARY(moe_kernels, m) {
   // No tensors, hence no dispatch key: one kernel for every backend (CompositeExplicitAutograd, in
   // gemm/ops.cpp; the stable def takes no function).
   m.def("grouped_gemm_fp8_configs() -> str[]");
+  m.def("grouped_gemm_fp8_choice(int rows, int num_experts, int k, bool block_scaled=False) -> str");
   m.def("cutlass_moe_fp8(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
         "Tensor w1_scale, Tensor w2_scale, Tensor? a1_scale=None, Tensor? a2_scale=None, bool per_act_token=False, "
         "bool per_out_ch=False, Tensor? expert_map=None, int num_local_experts=-1, "

@@ -143,13 +143,15 @@ def run_routing():
 
 
 def run_gemm():
-    # Every compiled configuration, per-tensor and per-token/per-channel scales (the epilogue's
-    # broadcasts read exactly M and E*N floats), on empty experts, one expert with many rows and the
-    # smallest aligned N and K; then the layer.
+    # Every compiled configuration (CUTLASS and the decode GEMV), per-tensor and per-token/per-channel
+    # scales (the epilogue's broadcasts read exactly M and E*N floats), on empty experts, one expert
+    # with many rows and the smallest aligned N and K; block-scaled calls where N and K are whole
+    # 128-blocks (a block configuration applies to those only); then the layer.
     fp8 = torch.float8_e4m3fn
     for config in moe_kernels.grouped_gemm_fp8_configs():
         os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
-        for counts, N, K in [([5, 0, 37, 1], 64, 128), ([3, 1], 8, 16), ([0, 150, 2], 256, 512)]:
+        for counts, N, K in [([5, 0, 37, 1], 64, 128), ([3, 1], 8, 16), ([0, 150, 2], 256, 512),
+                             ([1, 0, 2], 384, 2048)]:
             offsets = torch.tensor([0] + counts, device=DEV).cumsum(0)
             M, E = int(offsets[-1]), len(counts)
             a = torch.randn(M, K, device=DEV).to(fp8)
@@ -157,6 +159,9 @@ def run_gemm():
             moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.ones(1, device=DEV), torch.ones(E, device=DEV), offsets)
             moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.rand(M, device=DEV), torch.rand(E, N, device=DEV),
                                                  offsets)
+            if N % 128 == 0 and K % 128 == 0:
+                moe_kernels.cutlass_grouped_gemm_fp8(a, b, torch.rand(M, K // 128, device=DEV),
+                                                     torch.rand(E, N // 128, K // 128, device=DEV), offsets)
     os.environ.pop("MOE_KERNELS_GEMM_CONFIG")
     # Offsets past M and decreasing: clamped on the device, nothing outside a or out is touched.
     if DEV == "cuda":  # the CPU reference rejects such offsets; the kernel clamps them (no host sync)

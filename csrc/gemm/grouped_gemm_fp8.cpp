@@ -10,10 +10,13 @@ namespace moe_kernels {
 
 // Each configuration is named once in these lists (and once in CMakeLists.txt, which compiles
 // its .cu file); the declarations and the table below are generated from them.
+// gemv_rowwise and block_gemv are not CUTLASS: the decode kernel of grouped_gemv_fp8.cuh, both in
+// grouped_gemm_fp8_gemv.cu.
 #define MOE_KERNELS_DEFAULT_CONFIGS(X) \
-  X(pingpong_64x128x256_c1x2) X(coop_128x256x128_c1x2) X(pingpong_128x128x128_c1x2)
+  X(pingpong_64x128x256_c1x2) X(coop_128x256x128_c1x2) X(pingpong_128x128x128_c1x2) X(gemv_rowwise)
 // Block-scaled configurations (grouped_gemm_fp8_block_<name>.cu, grouped_gemm_fp8_blockwise_sm90.cuh).
-#define MOE_KERNELS_BLOCK_CONFIGS(X) X(block_pingpong_64x128x128_c1x1) X(block_coop_128x128x128_c1x2)
+#define MOE_KERNELS_BLOCK_CONFIGS(X) \
+  X(block_pingpong_64x128x128_c1x1) X(block_coop_128x128x128_c1x2) X(block_gemv)
 #ifdef MOE_KERNELS_GEMM_TRIAL
 #define MOE_KERNELS_TRIAL_CONFIGS(X)                                                                \
   X(pingpong_64x128x128_c1x2) X(coop_128x128x128_c1x2) X(pingpong_64x256x128_c1x2)                  \
@@ -67,6 +70,20 @@ const GroupedGemmFp8Kernel* find_grouped_gemm_fp8(const char* name) {
   return nullptr;
 }
 
+// Decode: the GEMV (grouped_gemv_fp8.cuh) while the rows are this few, in both kinds. A first
+// guess, not yet measured: the GPU run (bench --ops gemm,layer --T 1,4,16,64, with and without
+// MOE_KERNELS_GEMM_CONFIG=pingpong_64x128x256_c1x2) sets it. The kernel handles 8 rows of an
+// expert per pass over its weights; an average of 2 leaves room for routing skew, and M bounds
+// the experts with rows (grid slots) and the rows of the most loaded one.
+constexpr struct {
+  int64_t max_avg_rows_per_expert = 2;
+  int64_t max_rows = 256;
+} kGemvWhen;
+
+bool use_gemv(int64_t rows, int64_t avg_rows_per_expert) {
+  return avg_rows_per_expert <= kGemvWhen.max_avg_rows_per_expert && rows <= kGemvWhen.max_rows;
+}
+
 // Measured on H100 with every trial configuration forced in turn (bench/bench_gemm.py --configs,
 // results in bench/results/gemm_configs*_*.json), rowwise scales, ratios to
 // torch._scaled_grouped_mm on the same inputs, Mixtral-8x7B / Qwen3-235B / DeepSeek-V3 shapes:
@@ -79,7 +96,8 @@ const GroupedGemmFp8Kernel* find_grouped_gemm_fp8(const char* name) {
 //   epilogue under the other warpgroup's MMAs: 1.29-1.35x against 1.18-1.28x. At K=2048
 //   (DeepSeek GEMM2) cooperative is already ahead (1.48-1.62x against 1.30-1.48x at T=16384).
 // - 2x1 clusters (the weight tile multicast to an expert's two row tiles) were tied or slower.
-const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert, int64_t k) {
+const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t rows, int64_t avg_rows_per_expert, int64_t k) {
+  if (use_gemv(rows, avg_rows_per_expert)) return k_gemv_rowwise;
   if (avg_rows_per_expert <= 64) return k_pingpong_64x128x256_c1x2;
   if (k <= 1536) return k_pingpong_128x128x128_c1x2;
   return k_coop_128x256x128_c1x2;
@@ -94,7 +112,8 @@ const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert,
 // 9.5 (2x1) and 10.9-20 ms (64-row ping-pong)). Wider tiles are not an option: the blockwise
 // mainloop holds a second fp32 accumulator for the per-K-block promotion, so a 64x256 warpgroup
 // tile would need ~256 registers per thread, and N tiles must be whole 128-wide scale blocks.
-const GroupedGemmFp8Kernel& select_grouped_gemm_fp8_block(int64_t avg_rows_per_expert, int64_t /*k*/) {
+const GroupedGemmFp8Kernel& select_grouped_gemm_fp8_block(int64_t rows, int64_t avg_rows_per_expert, int64_t /*k*/) {
+  if (use_gemv(rows, avg_rows_per_expert)) return k_block_gemv;
   if (avg_rows_per_expert <= 64) return k_block_pingpong_64x128x128_c1x1;
   return k_block_coop_128x128x128_c1x2;
 }

@@ -33,8 +33,9 @@ struct GroupedGemmFp8Args {
   bool block_scaled;
 };
 
-// One CUTLASS configuration (one .cu file each): its scratch and workspace sizes and its launch,
-// which returns an empty string on success, else what went wrong (CUTLASS status or CUDA error).
+// One configuration (one .cu file each: CUTLASS, or the decode GEMV of grouped_gemv_fp8.cuh): its
+// scratch and workspace sizes and its launch, which returns an empty string on success, else what
+// went wrong (CUTLASS status or CUDA error).
 // A configuration serves either block-scaled calls or the others (per tensor/token/channel).
 struct GroupedGemmFp8Kernel {
   const char* name;
@@ -44,10 +45,11 @@ struct GroupedGemmFp8Kernel {
   const char* (*launch)(const GroupedGemmFp8Args& args, cudaStream_t stream);
 };
 
-// The configuration for this many rows per expert on average (T * topk / E: known on the host
-// without reading the routing) and this K. The rule and its measurements: grouped_gemm_fp8.cpp.
-const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t avg_rows_per_expert, int64_t k);
-const GroupedGemmFp8Kernel& select_grouped_gemm_fp8_block(int64_t avg_rows_per_expert, int64_t k);
+// The configuration for this many rows in all (M) and per expert on average (T * topk / E: known
+// on the host without reading the routing) and this K. The rule and its measurements:
+// grouped_gemm_fp8.cpp.
+const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t rows, int64_t avg_rows_per_expert, int64_t k);
+const GroupedGemmFp8Kernel& select_grouped_gemm_fp8_block(int64_t rows, int64_t avg_rows_per_expert, int64_t k);
 
 // Every compiled configuration, and the one of this name (nullptr if none): the tuning override
 // MOE_KERNELS_GEMM_CONFIG=<name> and the tests that run each configuration use them.

@@ -24,13 +24,14 @@ int sm_count(int device) {
   return cached[device];
 }
 
-// The configuration by rows per expert, unless MOE_KERNELS_GEMM_CONFIG names one (a tuning and
-// testing override, read at each call: it is a host-side getenv, no device work). A forced
-// configuration applies to the calls of its kind (block-scaled or not); calls of the other kind
-// keep the table's choice, so that forcing one kind leaves a layer mixing both runnable.
-const GroupedGemmFp8Kernel& pick_kernel(int64_t avg_rows_per_expert, int64_t depth, bool block_scaled) {
-  const GroupedGemmFp8Kernel& chosen = block_scaled ? select_grouped_gemm_fp8_block(avg_rows_per_expert, depth)
-                                                    : select_grouped_gemm_fp8(avg_rows_per_expert, depth);
+// The configuration by rows (in all and per expert), unless MOE_KERNELS_GEMM_CONFIG names one (a
+// tuning and testing override, read at each call: it is a host-side getenv, no device work). A
+// forced configuration applies to the calls of its kind (block-scaled or not); calls of the other
+// kind keep the table's choice, so that forcing one kind leaves a layer mixing both runnable.
+const GroupedGemmFp8Kernel& pick_kernel(int64_t rows, int64_t num_experts, int64_t depth, bool block_scaled) {
+  const int64_t avg_rows_per_expert = num_experts > 0 ? rows / num_experts : rows;
+  const GroupedGemmFp8Kernel& chosen = block_scaled ? select_grouped_gemm_fp8_block(rows, avg_rows_per_expert, depth)
+                                                    : select_grouped_gemm_fp8(rows, avg_rows_per_expert, depth);
   const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
   if (forced == nullptr || forced[0] == '\0') return chosen;
   const GroupedGemmFp8Kernel* k = find_grouped_gemm_fp8(forced);
@@ -65,7 +66,7 @@ Tensor cutlass_grouped_gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& 
   if (a.size(0) == 0 || E == 0) return out;
   const int sms = sm_count(static_cast<int>(a.get_device_index()));
   const bool block_scaled = b_scales.dim() == 3;
-  const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0) / E, a.size(1), block_scaled);
+  const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0), E, a.size(1), block_scaled);
   Tensor scratch = empty_on({static_cast<int64_t>(kernel.scratch_bytes(E))}, kByte, a);
   Tensor workspace = empty_on({static_cast<int64_t>(kernel.workspace_bytes(sms)) + 1}, kByte, a);
   GroupedGemmFp8Args args{a.data_ptr(),
@@ -152,6 +153,14 @@ std::vector<std::string> grouped_gemm_fp8_configs() {
   return names;
 }
 
+// The configuration a call with M = rows, E = num_experts and this K runs (MOE_KERNELS_GEMM_CONFIG
+// included): what the tests and the benchmark read to know which kernel ran.
+std::string grouped_gemm_fp8_choice(int64_t rows, int64_t num_experts, int64_t k, bool block_scaled) {
+  STD_TORCH_CHECK(rows >= 0 && num_experts >= 0 && k > 0, "grouped_gemm_fp8_choice: rows and num_experts must be "
+                  ">= 0 and k > 0, got rows=", rows, ", num_experts=", num_experts, ", k=", k);
+  return pick_kernel(rows, num_experts, k, block_scaled).name;
+}
+
 STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("cutlass_grouped_gemm_fp8", TORCH_BOX(&cuda::cutlass_grouped_gemm_fp8));
 }
@@ -161,6 +170,7 @@ STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
 // No tensor argument, hence no dispatch key to pick a backend: one kernel for all.
 STABLE_TORCH_LIBRARY_IMPL(moe_kernels, CompositeExplicitAutograd, m) {
   m.impl("grouped_gemm_fp8_configs", TORCH_BOX(&grouped_gemm_fp8_configs));
+  m.impl("grouped_gemm_fp8_choice", TORCH_BOX(&grouped_gemm_fp8_choice));
 }
 
 }  // namespace moe_kernels

@@ -25,7 +25,12 @@ from .ops.permute import (  # noqa: E402
     moe_unpermute,
 )
 from . import modular  # noqa: E402
-from .ops.gemm import cutlass_grouped_gemm_fp8, cutlass_moe_fp8, grouped_gemm_fp8_configs  # noqa: E402
+from .ops.gemm import (  # noqa: E402
+    cutlass_grouped_gemm_fp8,
+    cutlass_moe_fp8,
+    grouped_gemm_fp8_choice,
+    grouped_gemm_fp8_configs,
+)
 from .ops.routing import moe_fused_gate  # noqa: E402
 from .ops.fourbit import (  # noqa: E402
     cutlass_moe_mxfp4,
@@ -48,6 +53,7 @@ include_path = str(Path(__file__).resolve().parent / "include")
 __all__ = [
     "cutlass_grouped_gemm_fp8",
     "grouped_gemm_fp8_configs",
+    "grouped_gemm_fp8_choice",
     "cutlass_moe_fp8",
     "cutlass_moe_mxfp4",
     "cutlass_moe_w4a8",

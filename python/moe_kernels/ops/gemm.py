@@ -40,9 +40,17 @@ def cutlass_grouped_gemm_fp8(a: Tensor, b: Tensor, a_scales: Tensor, b_scales: T
 
 
 def grouped_gemm_fp8_configs() -> list:
-    """Names of the compiled CUTLASS configurations of :func:`cutlass_grouped_gemm_fp8`, e.g.
-    ``coop_128x128x128_c1x2`` (schedule, tile M x N x K, cluster M x N)."""
+    """Names of the compiled configurations of :func:`cutlass_grouped_gemm_fp8`, e.g.
+    ``coop_128x128x128_c1x2`` (CUTLASS: schedule, tile M x N x K, cluster M x N), and the decode
+    GEMV ``gemv_rowwise`` / ``block_gemv``. Names starting with ``block_`` serve block-scaled calls."""
     return list(_ops.grouped_gemm_fp8_configs())
+
+
+def grouped_gemm_fp8_choice(rows: int, num_experts: int, k: int, block_scaled: bool = False) -> str:
+    """The configuration :func:`cutlass_grouped_gemm_fp8` runs for ``a`` of ``rows`` x ``k`` and
+    ``num_experts`` experts (block-scaled or not), ``MOE_KERNELS_GEMM_CONFIG`` included. Decided on
+    the host from sizes alone (M and M // E), never from the routing."""
+    return _ops.grouped_gemm_fp8_choice(rows, num_experts, k, block_scaled)
 
 
 def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
