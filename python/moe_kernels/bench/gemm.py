@@ -37,6 +37,16 @@ def weights(m):
     return out
 
 
+def chosen_config(M, E, K, forced=None, block_scaled=False):
+    """The configuration a grouped GEMM call of these sizes runs (the build's own choice, or the
+    forced one), or None where this build cannot say (no grouped_gemm_fp8_choice)."""
+    choice = getattr(moe_kernels, "grouped_gemm_fp8_choice", None)
+    if choice is None:
+        return None
+    with forced_gemm_config(forced):
+        return choice(M, E, K, block_scaled)
+
+
 def offsets_sets(T, K, E, bytes_of):
     """Expert offsets of the routings a row's graph cycles through, and the mean experts with rows:
     one routing, or more (drawn afresh) while one call's bytes (bytes_of(touched)) are fewer than
@@ -76,7 +86,8 @@ def gemm_rows(ctx, m, T, name, N, K, b16, b8):
         for ours in ("tensor", "rowwise"):
             rows.append(ctx.row(name if ours == "tensor" else f"{name}_rowwise", m, T, t, 2 * M * N * K, "fp8",
                                 ours=ours, peers=peers, traffic=traffic[ours], config=config or "auto",
-                                M=M, N=N, K=K, touched_experts=touched, routings=len(sets)))
+                                config_run=chosen_config(M, m.E, K, config), M=M, N=N, K=K,
+                                touched_experts=touched, routings=len(sets)))
     return rows
 
 

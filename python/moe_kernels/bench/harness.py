@@ -348,10 +348,15 @@ class Context:
 @contextlib.contextmanager
 def forced_gemm_config(config: Optional[str]):
     """MOE_KERNELS_GEMM_CONFIG=config inside the block (None: the automatic choice). The op reads it
-    on the host at each call, so a graph captured inside keeps the configuration."""
+    on the host at each call, so a graph captured inside keeps the configuration. The variable's
+    value from before (a user's MOE_KERNELS_GEMM_CONFIG for the whole run) is restored after."""
+    before = os.environ.get("MOE_KERNELS_GEMM_CONFIG")
     if config:
         os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
     try:
         yield
     finally:
-        os.environ.pop("MOE_KERNELS_GEMM_CONFIG", None)
+        if before is None:
+            os.environ.pop("MOE_KERNELS_GEMM_CONFIG", None)
+        else:
+            os.environ["MOE_KERNELS_GEMM_CONFIG"] = before

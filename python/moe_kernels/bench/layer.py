@@ -18,7 +18,7 @@ import moe_kernels
 
 from . import features, hf_experts, roofline
 from ..modular.experts import gated_activation
-from .gemm import routed_offsets
+from .gemm import chosen_config, routed_offsets
 from .harness import FP8, ROTATION_MAX_SETS, Context, Times, sets_for
 
 # Every contender's CUDA graph holds its intermediates at once: beyond 4096 tokens DeepSeek-V3's
@@ -201,7 +201,8 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     if act and not act_quant:
         extra["silu_quant_note"] = "silu_and_mul_quant_fp8 takes no activation keyword in this build: silu's time"
     return ctx.row("layer", m, T, t, 6 * M * H * I, "fp8", peers=PEERS, traffic=traffic,
-                   gemm_share=gemm_share, routings=len(sets), touched_experts=touched, **steps, **extra)
+                   gemm_share=gemm_share, routings=len(sets), touched_experts=touched,
+                   gemm1_config=chosen_config(M, E, H), gemm2_config=chosen_config(M, E, I), **steps, **extra)
 
 
 def run(ctx: Context) -> list:
