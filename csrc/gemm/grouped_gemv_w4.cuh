@@ -73,7 +73,7 @@ static_assert(kChunkCodes == kMxfp4Group && kInt4Group % kChunkCodes == 0,
 // 16 bytes of the weight stream: read once, so kept out of L1 (which holds the activation rows).
 __device__ __forceinline__ uint4 load_stream_16(const uint8_t* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -281,8 +281,11 @@ template <WeightFormat kFormat, typename AT>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) grouped_gemv_w4_kernel(const W4GemmArgs p) {
   const int e = expert_of_slot(p.expert_offsets, p.num_experts, static_cast<int>(blockIdx.y));
   if (e < 0) return;  // fewer busy experts than slots
-  const int64_t row_begin = p.expert_offsets[e];
-  const int64_t row_end = p.expert_offsets[e + 1];
+  // Clamped to [0, M]: offsets past a's rows (invalid input) never make the kernel read past a.
+  const int64_t end_raw = p.expert_offsets[e + 1];
+  const int64_t begin_raw = p.expert_offsets[e];
+  const int64_t row_end = end_raw < p.m ? end_raw : p.m;
+  const int64_t row_begin = begin_raw < 0 ? 0 : begin_raw < row_end ? begin_raw : row_end;
   const int N = p.n;
   const bool gated = p.activation != Activation::kNone;
   const int half_n = N / 2;
