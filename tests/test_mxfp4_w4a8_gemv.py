@@ -36,11 +36,9 @@ def test_selection_takes_the_gemv_at_decode(tmp_path):
     """select_w4_gemm takes the GEMV while M / E <= kGemvMaxAvgRowsPerExpert, bm16 / bm64 above;
     find_w4_gemm knows the GEMV names; MOE_KERNELS_W4_GEMM_CONFIG still reaches bm16 at decode."""
     root = Path(__file__).resolve().parent.parent
-    homes = [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
-    found = [Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").exists()]
-    if not found:
+    cuda_include = cuda_include_dir()
+    if cuda_include is None:
         pytest.skip("needs the CUDA headers (cuda_runtime.h) for w4_launchers.h")
-    cuda_include = found[0]
     exe = tmp_path / "select_check"
     subprocess.run(["g++", "-std=c++20", "-O1", f"-I{root / 'csrc'}", f"-I{cuda_include}",
                     str(root / "csrc" / "gemm" / "grouped_gemm_w4.cpp"),
@@ -48,6 +46,31 @@ def test_selection_takes_the_gemv_at_decode(tmp_path):
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     assert "0 failures" in result.stdout
+
+
+def cuda_include_dir():
+    homes = [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    found = [Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").exists()]
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a host C++ compiler")
+def test_gemv_kernel_emulated_on_the_host_equals_cpu_reference(tmp_path):
+    """The GEMV kernel's body compiled with g++, each warp's lanes run as threads meeting at every
+    ballot and shuffle (tests/test_mxfp4_w4a8_gemv_emu.cpp), against the CPU reference: indexing,
+    gated layouts, scale groups, K and N tails, row passes, both formats, bf16 and e4m3, NaN-filled
+    outputs (rows past the experts must stay NaN). Not a substitute for the GPU tests below."""
+    root = Path(__file__).resolve().parent.parent
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("needs the CUDA headers (cuda_runtime.h, cuda_bf16.h, cuda_fp8.h)")
+    exe = tmp_path / "gemv_emu"
+    subprocess.run(["g++", "-std=c++20", "-O2", "-w", f"-I{root / 'csrc'}", f"-I{include}",
+                    str(root / "csrc" / "gemm" / "grouped_gemm_w4_cpu.cpp"),
+                    str(root / "tests" / "test_mxfp4_w4a8_gemv_emu.cpp"), "-o", str(exe), "-lpthread"], check=True)
+    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert "\n0 failures" in result.stdout
 
 
 # ---- on the GPU ----

@@ -47,6 +47,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "gemm/w4_format.h"
 #include "gemm/w4_launchers.h"
@@ -73,9 +74,13 @@ static_assert(kChunkCodes == kMxfp4Group && kInt4Group % kChunkCodes == 0,
 // 16 bytes of the weight stream: read once, so kept out of L1 (which holds the activation rows).
 __device__ __forceinline__ uint4 load_stream_16(const uint8_t* p) {
   uint4 v;
+#if defined(__CUDA_ARCH__)
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+#else
+  std::memcpy(&v, p, sizeof(v));  // the host emulation (tests/test_mxfp4_w4a8_gemv_emu.cpp)
+#endif
   return v;
 }
 
@@ -329,6 +334,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) grouped_gemv_w4_kerne
   }
 }
 
+#if defined(__CUDACC__)  // the launchers; a host test compiles the kernel alone with g++ and
+                         // emulates its warps (tests/test_mxfp4_w4a8_gemv_emu.cpp)
 // Grid: (slices of kWarps * output columns per warp, min(E, M) expert slots). Returns the launch's
 // error.
 template <WeightFormat kFormat, typename AT>
@@ -357,6 +364,7 @@ cudaError_t launch(const W4GemmArgs& args, cudaStream_t stream) {
   }
   return cudaErrorInvalidValue;
 }
+#endif  // __CUDACC__
 
 }  // namespace gemv
 }  // namespace moe_kernels::w4
