@@ -126,12 +126,10 @@ def test_cuda_gemv_without_bias_and_scale_kinds(config, fmt, a_fp8, per_row, mon
 @pytest.mark.parametrize("activation", ["none", "swigluoai"])
 def test_cuda_gemv_gpt_oss_sizes(config, fmt, a_fp8, activation, monkeypatch):
     """gpt-oss's H = I = 2880 (GEMM1: N = 2 * 2880 interleaved swigluoai; GEMM2: N = 2880), K = 2880
-    (INT4: 2944, the next multiple of 128), 4 routed rows on 32 experts."""
+    (INT4: 2944, the next multiple of 128), 4 routed rows on 6 experts (few: the formula decodes every
+    expert's weight in float64)."""
     monkeypatch.setenv("MOE_KERNELS_W4_GEMM_CONFIG", config)
-    rows = [0] * 32
-    for e in (3, 17, 30):
-        rows[e] = 1
-    rows[9] = 2
+    rows = [0, 1, 0, 2, 1, 0]
     N = 2 * 2880 if activation != "none" else 2880
     K = 2880 if fmt == "mxfp4" else 2944
     got, want, formula = run_gemv(fmt, rows, N, K, a_fp8, activation, activation == "swigluoai")
