@@ -8,8 +8,9 @@
 // memory and a decode pass before any math: the weight stream, the only thing that matters here
 // (4-bit weights are nearly all the bytes), stalls on those round trips. This kernel streams the
 // packed weights of the touched experts straight into registers (16-byte loads along K, several in
-// flight per lane), decodes them there with the same bit tricks as the tiled kernel (decode8_mxfp4
-// / decode8_int4 of w4_format.h, checked on the host against the scalar definitions) and
+// flight per lane), decodes them there with the same bit tricks as the tiled kernel (the _split
+// forms of decode8_mxfp4 / decode8_int4 in w4_format.h, checked on the host against the scalar
+// definitions) and
 // multiplies them with the few activation rows in fp32.
 //
 // Work split:
@@ -217,12 +218,13 @@ __device__ __forceinline__ void gemv_pass(const W4GemmArgs& p, int e, const int 
 #pragma unroll
           for (int j = 0; j < kWarpRows; ++j) {
             uint32_t d[4];
-            if constexpr (kFormat == WeightFormat::kMxfp4) decode8_mxfp4(words[j][v], f[j], d);
-            else decode8_int4(words[j][v], s_int4[j], d);
+            // Split form: d[t] holds elements t and t + 4 (no byte permutes: they are indexed).
+            if constexpr (kFormat == WeightFormat::kMxfp4) decode8_mxfp4_split(words[j][v], f[j], d);
+            else decode8_int4_split(words[j][v], s_int4[j], d);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              wf[j][2 * i] = bf16_lo(d[i]);
-              wf[j][2 * i + 1] = bf16_hi(d[i]);
+            for (int t = 0; t < 4; ++t) {
+              wf[j][t] = bf16_lo(d[t]);
+              wf[j][t + 4] = bf16_hi(d[t]);
             }
           }
           const int k0 = c * kChunkCodes + 8 * v;
