@@ -334,28 +334,35 @@ def run_fourbit():
     # grouped_gemm_mxfp4 / grouped_gemm_w4a8(a, w, w_scale, expert_offsets, a_scale=None, bias=None,
     # activation="none", gate_up_interleaved=False, ...): bf16 and e4m3 activations (per-row and
     # per-tensor scales), plain and gated epilogues with a bias; a signature this script does not
-    # know (TypeError) is reported as skipped: the layers above run the same kernels.
-    for names, make, K, a_dtypes in [(("grouped_gemm_mxfp4",), _mx_weight, 256, (torch.bfloat16, FP8)),
-                                     (("grouped_gemm_w4a8",), _int4_weight, 256, (FP8,))]:
+    # know (TypeError) is reported as skipped: the layers above run the same kernels. Each compiled
+    # configuration forced in turn (MOE_KERNELS_W4_GEMM_CONFIG): the decode GEMV (*_gemv) and the
+    # tiles (*_bm16, *_bm64) on every shape, whatever the table would pick.
+    for names, make, K, a_dtypes, configs in [
+            (("grouped_gemm_mxfp4",), _mx_weight, 256, (torch.bfloat16, FP8), ("mxfp4_gemv", "mxfp4_bm16", "mxfp4_bm64")),
+            (("grouped_gemm_w4a8",), _int4_weight, 256, (FP8,), ("int4_gemv", "int4_bm16", "int4_bm64"))]:
         gemm = _grouped_4bit_gemm(names)
         if gemm is None:
             print(f"sanitize_ops: SKIPPED {names[0]}: not in this build")
             continue
         try:
-            for counts, N in [([5, 0, 37, 1], 64), ([0, 150, 2], 256), ([0, 0, 0], 64), ([1, 3], 2880)]:
-                offsets = torch.tensor([0] + counts, device=DEV).cumsum(0)
-                M, E = int(offsets[-1]), len(counts)
-                wq, ws = make(E, N, K)
-                bias = torch.randn(E, N, device=DEV)
-                for a_dtype in a_dtypes:
-                    a = torch.randn(M, K, device=DEV).to(a_dtype)
-                    scales = [None] if a_dtype == torch.bfloat16 else [torch.rand(M, device=DEV) + 0.5, static]
-                    for a_scale in scales:
-                        gemm(a, wq, ws, offsets, a_scale)
-                        for act in ACTIVATIONS:
-                            gemm(a, wq, ws, offsets, a_scale, bias, act, act == "swigluoai")
+            for config in configs:
+                os.environ["MOE_KERNELS_W4_GEMM_CONFIG"] = config
+                for counts, N in [([5, 0, 37, 1], 64), ([0, 150, 2], 256), ([0, 0, 0], 64), ([1, 3], 2880)]:
+                    offsets = torch.tensor([0] + counts, device=DEV).cumsum(0)
+                    M, E = int(offsets[-1]), len(counts)
+                    wq, ws = make(E, N, K)
+                    bias = torch.randn(E, N, device=DEV)
+                    for a_dtype in a_dtypes:
+                        a = torch.randn(M, K, device=DEV).to(a_dtype)
+                        scales = [None] if a_dtype == torch.bfloat16 else [torch.rand(M, device=DEV) + 0.5, static]
+                        for a_scale in scales:
+                            gemm(a, wq, ws, offsets, a_scale)
+                            for act in ACTIVATIONS:
+                                gemm(a, wq, ws, offsets, a_scale, bias, act, act == "swigluoai")
         except TypeError as e:
             print(f"sanitize_ops: SKIPPED {gemm.__name__} alone: {e}")
+        finally:
+            os.environ.pop("MOE_KERNELS_W4_GEMM_CONFIG", None)
 
 
 def run_generated(examples):

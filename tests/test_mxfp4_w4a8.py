@@ -525,7 +525,7 @@ def test_cuda_gemm_equals_cpu_reference(fmt, a_fp8, activation, rows):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("config", ["mxfp4_bm16", "mxfp4_bm64", "int4_bm16", "int4_bm64"])
+@pytest.mark.parametrize("config", ["mxfp4_gemv", "mxfp4_bm16", "mxfp4_bm64", "int4_gemv", "int4_bm16", "int4_bm64"])
 @pytest.mark.parametrize("rows", [[1, 0, 2, 1], [40, 0, 17, 90, 1]])
 def test_cuda_every_config_equals_cpu_reference(config, rows, monkeypatch):
     """Each compiled configuration, forced (MOE_KERNELS_W4_GEMM_CONFIG), on few and on many rows per

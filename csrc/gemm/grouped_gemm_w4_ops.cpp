@@ -176,7 +176,7 @@ Tensor grouped_gemm_w4(const char* op, WeightFormat format, bool cuda, const Ten
   const char* unknown = nullptr;
   const w4::W4GemmKernel& kernel = w4::pick_w4_gemm(format, s.m / s.num_experts, &unknown);
   STD_TORCH_CHECK(unknown == nullptr, op, ": MOE_KERNELS_W4_GEMM_CONFIG=", unknown, " names no configuration ",
-                  "(mxfp4_bm16, mxfp4_bm64, int4_bm16, int4_bm64)");
+                  "(mxfp4_gemv, mxfp4_bm16, mxfp4_bm64, int4_gemv, int4_bm16, int4_bm64)");
   check_launch(kernel.launch(p, current_stream(a)), op);
   return out;
 #else

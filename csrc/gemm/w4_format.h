@@ -174,8 +174,9 @@ MOE_HOST_DEVICE Mxfp4Factors mxfp4_factors(uint32_t s) {
 // bit 6) make e2m1 * 2^-126 exactly (0b001 the subnormal 2^-127), the sign at 15; the factors
 // then scale by 2^(s-1): powers of two, so the bf16 products are exact (or overflow to inf, as
 // the fp32 definition does).
-MOE_HOST_DEVICE void decode8_mxfp4(uint32_t codes, const Mxfp4Factors& f, uint32_t out[4]) {
-  uint32_t x[4];
+// The _split forms stop before interleave_pairs: x[t] holds elements t (low half) and t + 4 (high
+// half). The GEMV (grouped_gemv_w4.cuh) converts to fp32 anyway and indexes them where they are.
+MOE_HOST_DEVICE void decode8_mxfp4_split(uint32_t codes, const Mxfp4Factors& f, uint32_t x[4]) {
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     const uint32_t y = codes >> (4 * t);
@@ -184,6 +185,11 @@ MOE_HOST_DEVICE void decode8_mxfp4(uint32_t codes, const Mxfp4Factors& f, uint32
     if (f.second != 0) v = bf16x2_mul(v, f.second);
     x[t] = v;
   }
+}
+
+MOE_HOST_DEVICE void decode8_mxfp4(uint32_t codes, const Mxfp4Factors& f, uint32_t out[4]) {
+  uint32_t x[4];
+  decode8_mxfp4_split(codes, f, x);
   interleave_pairs(x, out);
 }
 
@@ -194,15 +200,19 @@ MOE_HOST_DEVICE uint32_t int4_scale_bf16x2(float scale) {
   return h | (h << 16);
 }
 
-MOE_HOST_DEVICE void decode8_int4(uint32_t codes, uint32_t scale_bf16x2, uint32_t out[4]) {
+MOE_HOST_DEVICE void decode8_int4_split(uint32_t codes, uint32_t scale_bf16x2, uint32_t x[4]) {
   constexpr uint32_t k136 = 0x43084308u;  // bf16 136.0 in both halves
-  uint32_t x[4];
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     const uint32_t y = codes >> (4 * t);
     const uint32_t v = ((y & 0x000f000fu) ^ 0x00080008u) | 0x43004300u;
     x[t] = bf16x2_mul(bf16x2_sub(v, k136), scale_bf16x2);
   }
+}
+
+MOE_HOST_DEVICE void decode8_int4(uint32_t codes, uint32_t scale_bf16x2, uint32_t out[4]) {
+  uint32_t x[4];
+  decode8_int4_split(codes, scale_bf16x2, x);
   interleave_pairs(x, out);
 }
 

@@ -56,13 +56,21 @@ const W4GemmKernel& mxfp4_bm16_kernel();
 const W4GemmKernel& mxfp4_bm64_kernel();
 const W4GemmKernel& int4_bm16_kernel();
 const W4GemmKernel& int4_bm64_kernel();
+// The decode GEMVs (grouped_gemv_w4.cuh): weights streamed into registers, few rows per expert.
+const W4GemmKernel& mxfp4_gemv_kernel();
+const W4GemmKernel& int4_gemv_kernel();
+
+// select_w4_gemm takes the GEMV while M / E (rounded down) is at most this. Not yet measured on a
+// GPU: the GPU run sets it (compare MOE_KERNELS_W4_GEMM_CONFIG=*_gemv and *_bm16 at T = 1..64).
+constexpr int64_t kGemvMaxAvgRowsPerExpert = 2;
 
 // The configuration for this many rows per expert on average (M / E: known on the host without
-// reading the routing): 16-row tiles while experts get few rows (decode: each weight tile is
-// read once per expert), 64-row tiles above.
+// reading the routing): the GEMV at decode (at most kGemvMaxAvgRowsPerExpert), 16-row tiles while
+// experts get few rows (each weight tile is read once per expert), 64-row tiles above.
 const W4GemmKernel& select_w4_gemm(WeightFormat format, int64_t avg_rows_per_expert);
 
-// The configuration of this name (mxfp4_bm16, mxfp4_bm64, int4_bm16, int4_bm64), or nullptr.
+// The configuration of this name (mxfp4_gemv, mxfp4_bm16, mxfp4_bm64, int4_gemv, int4_bm16,
+// int4_bm64), or nullptr.
 const W4GemmKernel* find_w4_gemm(const char* name);
 
 // select_w4_gemm, unless the environment variable MOE_KERNELS_W4_GEMM_CONFIG names a configuration
