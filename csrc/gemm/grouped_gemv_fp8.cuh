@@ -159,8 +159,11 @@ template <int kWarps, bool kBlockScaled>
 __global__ void __launch_bounds__(kWarps* kWarpSize, (kMinWarpsPerSm<kBlockScaled> + kWarps - 1) / kWarps)
     grouped_gemv_fp8_kernel(const Params p) {
   constexpr int kThreads = kWarps * kWarpSize;
-  __shared__ int s_expert;
-  __shared__ int s_warp_count[kWarps];
+  // Each in its own 16-byte granule: the counts are read with 128-bit loads, and a load that also
+  // covered s_expert (written by one thread between the same barriers) was a read/write race to
+  // racecheck (the value read was discarded; seen on the H200 run of 2026-12-04).
+  __shared__ alignas(16) int s_expert;
+  __shared__ alignas(16) int s_warp_count[kWarps];
   __shared__ float s_partial[kWarps][kTilesPerCta][4][kWarpSize];
 
   const int e = find_expert_with_rows<kWarps>(p, static_cast<int>(blockIdx.y), &s_expert, s_warp_count);
