@@ -70,18 +70,26 @@ const GroupedGemmFp8Kernel* find_grouped_gemm_fp8(const char* name) {
   return nullptr;
 }
 
-// Decode: the GEMV (grouped_gemv_fp8.cuh) while the rows are this few, in both kinds. A first
-// guess, not yet measured: the GPU run (bench --ops gemm,layer --T 1,4,16,64, with and without
-// MOE_KERNELS_GEMM_CONFIG=pingpong_64x128x256_c1x2) sets it. The kernel handles 8 rows of an
-// expert per pass over its weights; an average of 2 leaves room for routing skew, and M bounds
-// the experts with rows (grid slots) and the rows of the most loaded one.
-constexpr struct {
-  int64_t max_avg_rows_per_expert = 2;
-  int64_t max_rows = 256;
-} kGemvWhen;
+// Decode: the GEMV (grouped_gemv_fp8.cuh) while the rows are this few. The kernel handles 8 rows
+// of an expert per pass over its weights; an average of 2 leaves room for routing skew, and M
+// bounds the experts with rows (grid slots) and the rows of the most loaded one. Measured on an
+// H200 (2026-12-04, bench --ops gemm,layer,layer_block --T 1,4,16,64 against
+// MOE_KERNELS_GEMM_CONFIG=pingpong_64x128x256_c1x2 / block_pingpong_64x128x128_c1x1; fractions of
+// each row's roofline, which counts the experts its own routing touched):
+// - per-channel/tensor: the GEMV wins at T = 1 and 4 (GEMMs 1.06-1.84x, layers 1.09-1.29x at T = 1;
+//   Qwen3-30B-A3B GEMM2 0.43 against 0.23 of its roofline) and loses a little at M = 128 (T = 16
+//   on DeepSeek-V3 and Qwen3-235B: GEMM2 0.92 against 0.97 and 0.83 against 0.88), so up to 64 rows;
+// - block-scaled: wins at T = 1 and 4 (layers 1.07-1.32x) and ties or wins at M = 128 (DeepSeek-V3
+//   layer 0.95 against 0.92), so up to 256 rows.
+struct GemvWhen {
+  int64_t max_avg_rows_per_expert;
+  int64_t max_rows;
+};
+constexpr GemvWhen kGemvWhen{2, 64};
+constexpr GemvWhen kBlockGemvWhen{2, 256};
 
-bool use_gemv(int64_t rows, int64_t avg_rows_per_expert) {
-  return avg_rows_per_expert <= kGemvWhen.max_avg_rows_per_expert && rows <= kGemvWhen.max_rows;
+bool use_gemv(const GemvWhen& when, int64_t rows, int64_t avg_rows_per_expert) {
+  return avg_rows_per_expert <= when.max_avg_rows_per_expert && rows <= when.max_rows;
 }
 
 // Measured on H100 with every trial configuration forced in turn (bench/bench_gemm.py --configs,
@@ -97,7 +105,7 @@ bool use_gemv(int64_t rows, int64_t avg_rows_per_expert) {
 //   (DeepSeek GEMM2) cooperative is already ahead (1.48-1.62x against 1.30-1.48x at T=16384).
 // - 2x1 clusters (the weight tile multicast to an expert's two row tiles) were tied or slower.
 const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t rows, int64_t avg_rows_per_expert, int64_t k) {
-  if (use_gemv(rows, avg_rows_per_expert)) return k_gemv_rowwise;
+  if (use_gemv(kGemvWhen, rows, avg_rows_per_expert)) return k_gemv_rowwise;
   if (avg_rows_per_expert <= 64) return k_pingpong_64x128x256_c1x2;
   if (k <= 1536) return k_pingpong_128x128x128_c1x2;
   return k_coop_128x256x128_c1x2;
@@ -113,7 +121,7 @@ const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t rows, int64_t avg_ro
 // mainloop holds a second fp32 accumulator for the per-K-block promotion, so a 64x256 warpgroup
 // tile would need ~256 registers per thread, and N tiles must be whole 128-wide scale blocks.
 const GroupedGemmFp8Kernel& select_grouped_gemm_fp8_block(int64_t rows, int64_t avg_rows_per_expert, int64_t /*k*/) {
-  if (use_gemv(rows, avg_rows_per_expert)) return k_block_gemv;
+  if (use_gemv(kBlockGemvWhen, rows, avg_rows_per_expert)) return k_block_gemv;
   if (avg_rows_per_expert <= 64) return k_block_pingpong_64x128x128_c1x1;
   return k_block_coop_128x128x128_c1x2;
 }
