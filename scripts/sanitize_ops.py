@@ -50,10 +50,9 @@ def run_permute():
 
 def run_quant():
     # Vector widths 8/4/2/1 (K = 2056, 12, 2, 7), M = 0. Per token (x [M, 2K] quantized, and its
-    # gated activation [M, K]): teams of 1 warp (K = 12, 7, 1000), 2 (gated 2056), 4 (plain 4112)
-    # and 8 (gated 12288 in two chunks, one in shared memory; plain 24576 in two, loaded again);
-    # fp32 chunks in shared memory (plain 12000, gated 6000); gated 20480 (three chunks, loaded
-    # again); odd columns in chunks (2 * 1501 plain, 1501 gated).
+    # gated activation [M, K]): rows kept in shared memory (up to 10240 columns) and rows past that
+    # bound, recomputed from x (plain 24576, gated 12288 and 20480, fp32 plain 12000), odd
+    # columns on both sides (2 * 1501 plain, 1501 gated).
     static = torch.tensor([0.02], device=DEV)
     for M, K, dtype in [(300, 2056, torch.bfloat16), (7, 12, torch.float16), (33, 2, torch.float32),
                         (5, 7, torch.bfloat16), (3, 12288, torch.bfloat16), (0, 64, torch.float16),
@@ -63,8 +62,8 @@ def run_quant():
         for scale, per_token in [(static, False), (None, False), (None, True)]:
             moe_kernels.scaled_fp8_quant(x, scale, per_token)
             moe_kernels.silu_and_mul_quant_fp8(x, scale, per_token)
-    # Per token with blocks that loop over rows (more rows than the grid's blocks hold teams): the
-    # double-buffered reduction of the one barrier per row, under racecheck.
+    # Per token with blocks that loop over rows (more rows than the grid has blocks): the reuse of
+    # a block's shared memory from one row to the next, under racecheck.
     moe_kernels.scaled_fp8_quant(torch.randn(4300, 4104, device=DEV).to(torch.bfloat16), None, True)
     # Per group: one vector a lane (g=128), two lanes a group (g=16), 32 lanes looping (g=1024),
     # scalar loads (g=7), column-major scales, T = 0; a lane's groups spanning rows (K = g = 128),
@@ -223,7 +222,7 @@ def run_activations():
     static = torch.tensor([0.02], device=DEV)
     if accepts("silu_and_mul_quant_fp8", "activation", "gate_up_interleaved"):
         with_bias = accepts("silu_and_mul_quant_fp8", "bias", "expert_offsets")
-        # I = 14336 (Mixtral): per token in two chunks, one in shared memory.
+        # I = 14336 (Mixtral): per token past the shared-memory bound (y recomputed from x).
         for M, I, E in [(300, 1440, 4), (7, 96, 3), (0, 64, 2), (5, 14336, 2)]:
             h = torch.randn(M, 2 * I, device=DEV, dtype=torch.bfloat16) * 4
             offsets = torch.tensor([0] + sorted(torch.randint(0, M + 1, (E - 1,)).tolist()) + [M], device=DEV)

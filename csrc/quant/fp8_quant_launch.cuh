@@ -14,19 +14,9 @@ namespace moe_kernels {
 // Enough blocks to fill the GPU several times over; each loops over its share of rows.
 constexpr int64_t kMaxQuantBlocks = 132 * 16;
 
-// The per-token kernel's team: the fewest warps (1, 2, 4 or 8) whose registers hold the row
-// (token_items vectors a thread); longer rows take 8 warps and are walked in chunks.
-// The per-token kernel keeps a long row's earlier chunks in shared memory up to this size (a
-// gated bf16 row of up to 16384 columns), under the 48 KiB a block may use without opting in.
-constexpr int64_t kMaxTokenCacheBytes = 40 * 1024;
-constexpr int64_t kMaxTokenRowVectors = int64_t{1} << 30;
-
-template <typename In>
-int token_warps_per_row(int64_t vecs_per_row) {
-  int warps = 1;
-  while (warps < kTokenMaxWarps && vecs_per_row > static_cast<int64_t>(warps) * 32 * token_items<In>()) warps *= 2;
-  return warps;
-}
+// A per-token row is kept in shared memory (as fp32) up to this size (10240 columns), under the
+// 48 KiB a block may use without opting in; longer rows are recomputed from x in the second pass.
+constexpr int64_t kMaxCachedRowBytes = 40 * 1024;
 
 template <typename In, int kVec>
 cudaError_t launch_group_quant(const In& input, const Fp8QuantArgs& a, cudaStream_t stream) {
@@ -44,9 +34,7 @@ cudaError_t launch_group_quant(const In& input, const Fp8QuantArgs& a, cudaStrea
                          a.scale,
                          a.scales_column_major ? 1 : groups_per_row,
                          a.scales_column_major ? a.rows : 1};
-  // A warp covers (32 / lanes) * group_items short groups per step, or one long group.
-  const int64_t groups_per_warp = vecs_per_group <= lanes ? (32 / lanes) * group_items<In>() : 1;
-  const int64_t blocks = ceil_div(ceil_div(a.rows * groups_per_row, groups_per_warp), kQuantThreads / 32);
+  const int64_t blocks = ceil_div(a.rows * groups_per_row * lanes, kQuantThreads);
   const int grid = static_cast<int>(std::clamp<int64_t>(blocks, 1, kMaxQuantBlocks));
   quantize_per_group_kernel<In, kVec><<<grid, kQuantThreads, 0, stream>>>(p);
   return cudaGetLastError();
@@ -56,9 +44,10 @@ template <template <typename, int> class Input, typename T, int kVec>
 cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
   using In = Input<T, kVec>;
   QuantParams<In> p{In::make(a), a.rows, a.cols / kVec, a.q, nullptr, nullptr, nullptr};
-  // Per-tensor kernels walk rows x vectors as one flat space; per-token ones give a row to a team.
+  // Per-tensor kernels walk rows x vectors as one flat space; per-token ones take a row per block.
   const int64_t flat_blocks = ceil_div(a.rows * p.vecs_per_row, kQuantThreads);
   const int grid = static_cast<int>(std::clamp<int64_t>(flat_blocks, 1, kMaxQuantBlocks));
+  const int token_grid = static_cast<int>(std::clamp<int64_t>(a.rows, 1, kMaxQuantBlocks));
   switch (a.mode) {
     case QuantScaleMode::kStaticPerTensor:
       // Launched even for rows = 0: the kernel also writes the scale output.
@@ -77,16 +66,12 @@ cudaError_t launch_quant_typed(const Fp8QuantArgs& a, cudaStream_t stream) {
     case QuantScaleMode::kDynamicPerToken: {
       if (a.rows == 0) return cudaSuccess;
       p.token_scale = a.scale;
-      // The kernel's vector indices inside a row are ints: v + chunk stays below 2^31.
-      if (p.vecs_per_row > kMaxTokenRowVectors) return cudaErrorInvalidValue;
-      const int warps = token_warps_per_row<In>(p.vecs_per_row);
-      const int64_t chunk = int64_t{32} * warps * token_items<In>();
-      const int64_t cache_bytes = (ceil_div(std::max<int64_t>(p.vecs_per_row, 1), chunk) - 1) * chunk * kVec * 4;
-      const bool cache_chunks = cache_bytes > 0 && cache_bytes <= kMaxTokenCacheBytes;
-      const int64_t blocks = ceil_div(a.rows, kTokenMaxWarps / warps);
-      const int token_grid = static_cast<int>(std::clamp<int64_t>(blocks, 1, kMaxQuantBlocks));
-      quantize_per_token_kernel<In, kVec>
-          <<<token_grid, kTokenThreads, cache_chunks ? cache_bytes : 0, stream>>>(p, warps, cache_chunks);
+      const int64_t row_bytes = a.cols * static_cast<int64_t>(sizeof(float));
+      if (row_bytes <= kMaxCachedRowBytes) {
+        quantize_per_token_kernel<In, kVec, true><<<token_grid, kQuantThreads, row_bytes, stream>>>(p);
+      } else {
+        quantize_per_token_kernel<In, kVec, false><<<token_grid, kQuantThreads, 0, stream>>>(p);
+      }
       break;
     }
     case QuantScaleMode::kDynamicPerGroup:
