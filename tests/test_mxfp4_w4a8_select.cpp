@@ -45,6 +45,9 @@ int main() {
     expect(select_w4_gemm(WeightFormat::kInt4, avg).name, "int4_gemv", "int4 at decode");
   }
   expect(select_w4_gemm(WeightFormat::kMxfp4, kGemvMaxAvgRowsPerExpert + 1).name, "mxfp4_bm16", "mxfp4 above");
+  // Two rows per expert: measured on an H200, the GEMV loses (bf16 activations) or ties (fp8).
+  expect(select_w4_gemm(WeightFormat::kMxfp4, 2).name, "mxfp4_bm16", "mxfp4 at 2 rows");
+  expect(select_w4_gemm(WeightFormat::kInt4, 2).name, "int4_bm16", "int4 at 2 rows");
   expect(select_w4_gemm(WeightFormat::kInt4, 16).name, "int4_bm16", "int4 at 16");
   expect(select_w4_gemm(WeightFormat::kMxfp4, 17).name, "mxfp4_bm64", "mxfp4 at 17");
   for (const char* name : {"mxfp4_gemv", "mxfp4_bm16", "mxfp4_bm64", "int4_gemv", "int4_bm16", "int4_bm64"}) {

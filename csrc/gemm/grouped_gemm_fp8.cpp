@@ -104,9 +104,17 @@ bool use_gemv(const GemvWhen& when, int64_t rows, int64_t avg_rows_per_expert) {
 //   epilogue under the other warpgroup's MMAs: 1.29-1.35x against 1.18-1.28x. At K=2048
 //   (DeepSeek GEMM2) cooperative is already ahead (1.48-1.62x against 1.30-1.48x at T=16384).
 // - 2x1 clusters (the weight tile multicast to an expert's two row tiles) were tied or slower.
+// - Re-measured on an H200 (2026-12-05, bench --ops gemm --T 1024,4096 with each default
+//   configuration forced; bench/results/bench_gemm_config_*_NVIDIA_H200_2026-12-05.json): at exactly
+//   64 rows per expert (Qwen3-235B and Qwen3-30B-A3B at T = 1024) the 128-row tiles beat 64x128x256
+//   ping-pong by 7-9% (Qwen3-235B GEMM1 425 us against 458, GEMM2 228 against 249; Qwen3-30B-A3B
+//   GEMM1 119-125 against 129), so the 64-row tiles keep at most 32 rows, where H100 measured them
+//   best (1.02-1.12x); 33-63 rows were not measured and take the 128-row tiles. Checked after the
+//   change against 64x128x256 forced (bench_fp8_tiles_*): every 64-row case gained, layers 1.02-1.18x
+//   (DeepSeek-V3 T = 2048 3179 us against 3757), the <= 32-row ones unchanged (0.99-1.01x).
 const GroupedGemmFp8Kernel& select_grouped_gemm_fp8(int64_t rows, int64_t avg_rows_per_expert, int64_t k) {
   if (use_gemv(kGemvWhen, rows, avg_rows_per_expert)) return k_gemv_rowwise;
-  if (avg_rows_per_expert <= 64) return k_pingpong_64x128x256_c1x2;
+  if (avg_rows_per_expert <= 32) return k_pingpong_64x128x256_c1x2;
   if (k <= 1536) return k_pingpong_128x128x128_c1x2;
   return k_coop_128x256x128_c1x2;
 }

@@ -9,9 +9,9 @@ namespace moe_kernels::w4 {
 // 16-row tiles while an expert gets at most 16 rows on average (decode and small batches: every
 // expert's weight tile is streamed once, and 64-row weight tiles give twice the CTAs); 64-row
 // tiles above, where a decoded weight tile is worth reusing across more rows. Below both, at
-// decode (about one row per expert, kGemvMaxAvgRowsPerExpert), the GEMV: the bm16 tiles would be
-// mostly zero rows, and the weight stream is all that counts. Not yet tuned on a GPU: the
-// crossovers are the first thing the GPU run should measure.
+// decode (about one row per expert, kGemvMaxAvgRowsPerExpert, measured on an H200), the GEMV: the
+// bm16 tiles would be mostly zero rows, and the weight stream is all that counts. The bm16/bm64
+// crossover at 16 rows is not tuned on a GPU yet.
 const W4GemmKernel& select_w4_gemm(WeightFormat format, int64_t avg_rows_per_expert) {
   if (avg_rows_per_expert <= kGemvMaxAvgRowsPerExpert)
     return format == WeightFormat::kMxfp4 ? mxfp4_gemv_kernel() : int4_gemv_kernel();

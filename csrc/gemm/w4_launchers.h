@@ -60,9 +60,12 @@ const W4GemmKernel& int4_bm64_kernel();
 const W4GemmKernel& mxfp4_gemv_kernel();
 const W4GemmKernel& int4_gemv_kernel();
 
-// select_w4_gemm takes the GEMV while M / E (rounded down) is at most this. Not yet measured on a
-// GPU: the GPU run sets it (compare MOE_KERNELS_W4_GEMM_CONFIG=*_gemv and *_bm16 at T = 1..64).
-constexpr int64_t kGemvMaxAvgRowsPerExpert = 2;
+// select_w4_gemm takes the GEMV while M / E (rounded down) is at most this. Measured on an H200
+// (2026-12-05, bench --ops layer_mxfp4,layer_w4a8,gemm_mxfp4 against MOE_KERNELS_W4_GEMM_CONFIG=
+// mxfp4_bm16 / int4_bm16): at M / E <= 0.5 the GEMV wins everywhere (GEMMs 1.05-2.35x, layers
+// 1.03-2.03x); at M / E = 2 it loses with bf16 activations (gpt-oss-120b and DeepSeek-V3 T = 64,
+// layers 0.86x; gpt-oss-20b T = 16, 0.91x) and ties with fp8 ones (0.92-1.11x per GEMM), so 1.
+constexpr int64_t kGemvMaxAvgRowsPerExpert = 1;
 
 // The configuration for this many rows per expert on average (M / E: known on the host without
 // reading the routing): the GEMV at decode (at most kGemvMaxAvgRowsPerExpert), 16-row tiles while
