@@ -57,6 +57,35 @@ MOE_HOST_DEVICE float max_ignoring_nan(float a, float b) {
 #endif
 }
 
+MOE_HOST_DEVICE float min_ignoring_nan(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fminf(a, b);
+#else
+  return std::fmin(a, b);
+#endif
+}
+
+// The bits of a float and the float of some bits (exact on both sides).
+MOE_HOST_DEVICE uint32_t bits_of(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+#endif
+}
+
+MOE_HOST_DEVICE float float_of_bits(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+#endif
+}
+
 MOE_HOST_DEVICE float abs_f(float a) {
 #if defined(__CUDA_ARCH__)
   return fabsf(a);
@@ -74,21 +103,13 @@ MOE_HOST_DEVICE float round_half_even(float a) {
 }
 
 // 2^n for n in [-126, 127], built from its bits (exact).
-MOE_HOST_DEVICE float exp2_int(int n) {
-  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
+MOE_HOST_DEVICE float exp2_int(int n) { return float_of_bits(static_cast<uint32_t>(n + 127) << 23); }
 
 // e^x within about 2 ulp: x = n*ln2 + r with |r| <= ln2/2, e^r by its Taylor polynomial of degree
 // 7 (truncation error below 1e-8 relative), times 2^n. Below -80 it returns 0 and above 88 +inf:
-// silu only adds it to 1 (where e^-80 is far below an ulp) or divides by it, and staying away
-// from subnormals keeps the result independent of flush-to-zero settings.
+// its users (the routers' softmax and sigmoid, gelu's erfc) add it to 1 (where e^-80 is far below
+// an ulp) or divide by it, and staying away from subnormals keeps the result independent of
+// flush-to-zero settings.
 MOE_HOST_DEVICE float exp_portable(float x) {
   if (x < -80.0f) return 0.0f;
   if (x > 88.0f) return INFINITY;
@@ -110,14 +131,8 @@ MOE_HOST_DEVICE float exp_portable(float x) {
   return mul_rn(p, exp2_int(static_cast<int>(n)));
 }
 
-// silu(g) = g / (1 + e^-g), and its limit -0 at g = -inf (where the formula gives -inf / inf =
-// NaN): an infinite activation saturates downstream instead of turning into NaN.
-MOE_HOST_DEVICE float silu(float g) {
-  if (g == -INFINITY) return -0.0f;
-  return div_rn(g, add_rn(1.0f, exp_portable(-g)));
-}
-
-// The logistic function 1 / (1 + e^-x), from the same operations.
+// The logistic function 1 / (1 + e^-x), from the same operations (the routers' scores; the
+// activations use quant/act_math.h's branch-free one).
 MOE_HOST_DEVICE float sigmoid(float x) { return div_rn(1.0f, add_rn(1.0f, exp_portable(-x))); }
 
 // The value by which routers rank a score: NaN ranks as -inf, below every number, so that a NaN

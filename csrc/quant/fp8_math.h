@@ -6,7 +6,8 @@
 // on the host through plain operators and std::fma (the CPU reference is compiled with
 // -ffp-contract=off). The exponential of silu is a polynomial written with those operations
 // rather than expf: the device expf and the host std::exp differ in the last bits, which would
-// flip roundings to e4m3 and make the CUDA op impossible to compare byte for byte.
+// flip roundings to e4m3 and make the CUDA op impossible to compare byte for byte (the
+// activations' own functions: act_math.h).
 #pragma once
 
 #include <cfloat>
@@ -25,9 +26,6 @@ constexpr float kE4M3Max = 448.0f;
 // all-zero row (amax = 0 would give scale 0 and 0 * inf = NaN); any row with amax >= 1/512 is
 // unaffected. The same floor applies to the dynamic per-tensor scale.
 constexpr float kMinScale = 0x1.24924ap-18f;
-
-// silu(gate) * up, the activation of a gated MLP (vLLM's silu_and_mul).
-MOE_HOST_DEVICE float silu_and_mul(float gate, float up) { return mul_rn(silu(gate), up); }
 
 // The dynamic scale of a row or tensor whose largest magnitude is amax. Monotone in amax, so that
 // the per-tensor scale is the maximum of the per-block scales (one atomicMax per block).
@@ -54,6 +52,19 @@ MOE_HOST_DEVICE float group_scale_from_amax(float amax) {
 MOE_HOST_DEVICE float amax_term(float y) {
   const float a = abs_f(y);
   return a <= FLT_MAX ? a : 0.0f;  // false for NaN and inf
+}
+
+// y / scale, given inv = inverse_scale(scale): the product y * inv corrected by one fma of its
+// residual (Markstein's step). Equal to the IEEE quotient y / scale (the per-group formula above)
+// whenever |y / scale| >= 2^-12: compared on 1.4e9 random pairs of the per-group range (scale =
+// max(amax, 1e-10) / 448, |y| <= amax), no difference; below 2^-12, where the residual can be
+// subnormal and the two may differ in the last bit, both round to an e4m3 zero of y's sign. An
+// infinite y (whose residual is NaN) keeps the infinite product, as the division would. Three
+// operations per value instead of a division with its slow-path branch.
+MOE_HOST_DEVICE float divide_by_scale(float y, float scale, float inv) {
+  const float q = mul_rn(y, inv);
+  const float corrected = fma_rn(fma_rn(-q, scale, y), inv, q);
+  return corrected == corrected ? corrected : q;
 }
 
 // Values are quantized as y * (1 / scale): one reciprocal per scale, one multiply per element (as

@@ -101,11 +101,33 @@ struct GatedInput {
       }
     }
     if (row.bias != nullptr) {
+      // The bias of these values, in the row's order: packs of kVec floats (the launcher keeps
+      // the bias aligned to them), not one scalar load per value.
+      float bg[kVec];
+      float bu[kVec];
+      if constexpr (kInterleaved) {
+        const auto* packs = reinterpret_cast<const ElemPack<float, kVec>*>(row.bias);
+        const ElemPack<float, kVec> lo = packs[2 * v];
+        const ElemPack<float, kVec> hi = packs[2 * v + 1];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const int i = 2 * j;
+          bg[j] = i < kVec ? lo.v[i] : hi.v[i - kVec];
+          bu[j] = i + 1 < kVec ? lo.v[i + 1] : hi.v[i + 1 - kVec];
+        }
+      } else {
+        const ElemPack<float, kVec> gp = reinterpret_cast<const ElemPack<float, kVec>*>(row.bias)[v];
+        const ElemPack<float, kVec> up = reinterpret_cast<const ElemPack<float, kVec>*>(row.bias + cols)[v];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          bg[j] = gp.v[j];
+          bu[j] = up.v[j];
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const int64_t c = v * kVec + j;
-        g[j] = fp8::add_rn(g[j], row.bias[gate_pos(kInterleaved, cols, c)]);
-        u[j] = fp8::add_rn(u[j], row.bias[up_pos(kInterleaved, cols, c)]);
+        g[j] = fp8::add_rn(g[j], bg[j]);
+        u[j] = fp8::add_rn(u[j], bu[j]);
       }
     }
 #pragma unroll

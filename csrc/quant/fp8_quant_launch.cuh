@@ -88,7 +88,12 @@ cudaError_t launch_quant_with_width(const Fp8QuantArgs& a, cudaStream_t stream) 
   // Per group, a vector must not straddle two groups: its width divides the group's bytes.
   const int64_t unit = a.mode == QuantScaleMode::kDynamicPerGroup ? a.group_size : a.cols;
   const int vec_bytes = pick_vec_bytes(unit * static_cast<int64_t>(sizeof(T)), ptrs, 1);
-  const int vec = std::max<int>(1, vec_bytes / static_cast<int>(sizeof(T)));
+  int vec = std::max<int>(1, vec_bytes / static_cast<int>(sizeof(T)));
+  // The activation's fp32 bias is read in packs of vec floats: its address must allow them too
+  // (rows and column offsets do, as cols is a multiple of vec).
+  while (vec > 1 && a.act.bias != nullptr &&
+         reinterpret_cast<uintptr_t>(a.act.bias) % (vec * sizeof(float)) != 0)
+    vec /= 2;
   constexpr int kMaxVec = 16 / sizeof(T);
   if (vec >= kMaxVec) return launch_quant_typed<Input, T, kMaxVec>(a, stream);
   if constexpr (kMaxVec > 4) {

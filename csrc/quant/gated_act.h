@@ -4,7 +4,7 @@
 // bytes. Compiles as CUDA (host and device) and as plain C++ (the CPU side is compiled with
 // -ffp-contract=off, as the rest of quant/'s reference).
 //
-//   silu:      silu(gate) * up,                       silu(g) = g / (1 + e^-g)
+//   silu:      silu(gate) * up,                       silu(g) = g * sigmoid(g) = g / (1 + e^-g)
 //   gelu:      gelu(gate) * up,                       gelu(g) = g/2 * (1 + erf(g / sqrt(2)))  (exact, erf)
 //   swigluoai: g = min(gate, limit); u = clamp(up, -limit, limit);
 //              (u + 1) * (g * sigmoid(alpha * g))     (gpt-oss; alpha 1.702, limit 7 there)
@@ -19,6 +19,7 @@
 
 #include "common/portable_math.h"
 #include "common/row_expert.h"
+#include "quant/act_math.h"
 #include "quant/fp8_math.h"
 
 namespace moe_kernels {
@@ -103,7 +104,7 @@ MOE_HOST_DEVICE float gelu(float g) {
 
 struct SiluMul {
   static SiluMul make(const GatedActSpec&) { return {}; }
-  MOE_HOST_DEVICE float operator()(float gate, float up) const { return fp8::silu_and_mul(gate, up); }
+  MOE_HOST_DEVICE float operator()(float gate, float up) const { return mul_rn(act::silu(gate), up); }
 };
 
 struct GeluMul {
@@ -121,7 +122,7 @@ struct SwigluOai {
   MOE_HOST_DEVICE float operator()(float gate, float up) const {
     const float g = gate > limit ? limit : gate;
     const float u = up > limit ? limit : (up < -limit ? -limit : up);
-    const float glu = mul_rn(g, sigmoid(mul_rn(g, alpha)));
+    const float glu = mul_rn(g, act::sigmoid(mul_rn(g, alpha)));
     return mul_rn(add_rn(u, 1.0f), glu);
   }
 };

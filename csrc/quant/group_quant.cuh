@@ -10,7 +10,9 @@
 // Groups longer than 32 vectors are walked twice by their 32 lanes (amax, then quantize: the
 // second load is an L1/L2 hit). Groups are numbered across rows, so short rows leave no warp idle.
 //
-// Arithmetic: fp8_math.h (group_scale_from_amax, amax_term), shared with the CPU reference.
+// Arithmetic: fp8_math.h (group_scale_from_amax, amax_term), shared with the CPU reference; the
+// division by the group's scale through divide_by_scale (the same quotient as the reference's
+// IEEE division, fp8_math.h says where and why).
 #pragma once
 
 #include <cstdint>
@@ -63,11 +65,12 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_per_group_kernel(Group
     if (sub == 0) p.scales[r * p.scale_row_stride + col_group * p.scale_group_stride] = scale;
     // With at most one vector per lane, y still holds it; otherwise each vector is loaded again.
     const bool reload = p.vecs_per_group > p.lanes;
+    const float inv_scale = fp8::inverse_scale(scale);
     for (int64_t v = sub; v < p.vecs_per_group; v += p.lanes) {
       if (reload) p.input.load(row, first_vec + v, y);
       float s[kVec];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) s[j] = fp8::div_rn(y[j], scale);
+      for (int j = 0; j < kVec; ++j) s[j] = fp8::divide_by_scale(y[j], scale, inv_scale);
       store_scaled_e4m3<kVec>(p.q + (r * vecs_per_row + first_vec + v) * kVec, s);
     }
   }
