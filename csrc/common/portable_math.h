@@ -65,8 +65,8 @@ MOE_HOST_DEVICE float min_ignoring_nan(float a, float b) {
 #endif
 }
 
-// The bits of a float and the float of some bits (exact on both sides).
-MOE_HOST_DEVICE uint32_t bits_of(float f) {
+// Bit casts between fp32 and its 32 bits (the intrinsics on the device, memcpy on the host).
+MOE_HOST_DEVICE uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
@@ -76,7 +76,7 @@ MOE_HOST_DEVICE uint32_t bits_of(float f) {
 #endif
 }
 
-MOE_HOST_DEVICE float float_of_bits(uint32_t b) {
+MOE_HOST_DEVICE float bits_float(uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(b);
 #else
@@ -103,7 +103,7 @@ MOE_HOST_DEVICE float round_half_even(float a) {
 }
 
 // 2^n for n in [-126, 127], built from its bits (exact).
-MOE_HOST_DEVICE float exp2_int(int n) { return float_of_bits(static_cast<uint32_t>(n + 127) << 23); }
+MOE_HOST_DEVICE float exp2_int(int n) { return bits_float(static_cast<uint32_t>(n + 127) << 23); }
 
 // e^x within about 2 ulp: x = n*ln2 + r with |r| <= ln2/2, e^r by its Taylor polynomial of degree
 // 7 (truncation error below 1e-8 relative), times 2^n. Below -80 it returns 0 and above 88 +inf:

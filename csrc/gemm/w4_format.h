@@ -39,26 +39,8 @@ constexpr int kInt4Group = 128;
 // The gated activation applied to GEMM1's two halves (gate, up) in its epilogue, or none (GEMM2).
 enum class Activation : int { kNone = 0, kSilu = 1, kGelu = 2, kSwigluOai = 3 };
 
-// Bit casts between fp32 and its 32 bits (the intrinsics on the device, memcpy on the host).
-MOE_HOST_DEVICE uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  return b;
-#endif
-}
-
-MOE_HOST_DEVICE float bits_float(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-#endif
-}
+using pmath::bits_float;  // bit casts between fp32 and its 32 bits (portable_math.h)
+using pmath::float_bits;
 
 // E2M1 code (sign, two exponent bits with bias 1, one mantissa bit) -> fp32, from its bits:
 // 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives (0b0001 is the subnormal 0.5).
