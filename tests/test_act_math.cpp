@@ -3,7 +3,8 @@
 // CPU references do not all share:
 // - divide_by_scale(y, s, 1/s) equals the IEEE quotient y / s (what the CPU reference of the
 //   per-group quantization computes) wherever |y / s| >= 2^-12, on random pairs of the per-group
-//   range (s = max(amax, 1e-10) / 448, |y| <= amax) and at +-inf and NaN;
+//   range (s = max(amax, 1e-10) / 448, |y| <= amax), an e4m3 zero of the same sign below, and
+//   at +-0, +-inf and NaN;
 // - exp_clamped within 2 ulp of exp, reciprocal_from_one within 0.5006 ulp of 1/d, on random
 //   arguments of their ranges; silu and sigmoid at their special values.
 // Built with -ffp-contract=off (as the CPU references) and run by tests/test_act_math.py.
@@ -48,10 +49,19 @@ int main() {
     float y = amax * unit(rng);
     if (i % 7 == 0) y = amax;
     if (i % 2) y = -y;
+    if (i % 11 == 0) y = std::ldexp(y, -100);  // tiny quotients
     const float want = y / scale;
-    if (std::fabs(want) < 0x1p-12f) continue;
     const float got = fp8::divide_by_scale(y, scale, fp8::inverse_scale(scale));
-    expect(got == want, "divide_by_scale", got, want);
+    if (std::fabs(want) >= 0x1p-12f) {
+      expect(got == want, "divide_by_scale", got, want);
+    } else {  // an e4m3 zero of the same sign either way
+      expect(std::fabs(got) < 0x1p-11f && std::signbit(got) == std::signbit(want), "divide_by_scale tiny", got, want);
+    }
+  }
+  for (float z : {0.0f, -0.0f}) {  // the sign of a zero quotient, as the division gives it
+    const float sc = fp8::group_scale_from_amax(2.0f);
+    const float got = fp8::divide_by_scale(z, sc, fp8::inverse_scale(sc));
+    expect(got == 0.0f && std::signbit(got) == std::signbit(z), "divide_by_scale(+-0)", got, z);
   }
   const float s = fp8::group_scale_from_amax(3.0f);
   expect(fp8::divide_by_scale(INFINITY, s, fp8::inverse_scale(s)) == INFINITY, "divide_by_scale(+inf)", 0, 0);

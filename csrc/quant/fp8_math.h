@@ -58,13 +58,14 @@ MOE_HOST_DEVICE float amax_term(float y) {
 // residual (Markstein's step). Equal to the IEEE quotient y / scale (the per-group formula above)
 // whenever |y / scale| >= 2^-12: compared on 1.4e9 random pairs of the per-group range (scale =
 // max(amax, 1e-10) / 448, |y| <= amax), no difference; below 2^-12, where the residual can be
-// subnormal and the two may differ in the last bit, both round to an e4m3 zero of y's sign. An
-// infinite y (whose residual is NaN) keeps the infinite product, as the division would. Three
-// operations per value instead of a division with its slow-path branch.
+// subnormal and the two may differ in the last bit, both round to an e4m3 zero of y's sign. A
+// zero y keeps the product (-0 * inv = -0, where the fma sum would give +0), and so does an
+// infinite y (whose residual is NaN), as the division would. Three operations per value instead
+// of a division with its slow-path branch.
 MOE_HOST_DEVICE float divide_by_scale(float y, float scale, float inv) {
   const float q = mul_rn(y, inv);
   const float corrected = fma_rn(fma_rn(-q, scale, y), inv, q);
-  return corrected == corrected ? corrected : q;
+  return q == 0.0f || corrected != corrected ? q : corrected;
 }
 
 // Values are quantized as y * (1 / scale): one reciprocal per scale, one multiply per element (as
