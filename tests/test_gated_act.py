@@ -355,6 +355,26 @@ def test_act_cuda_matches_cpu(activation, interleaved, with_bias, mode, dtype, M
     assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))
 
 
+# The kernels read the bias in packs of as many floats as they load values at once (16 bytes of
+# x: 8 bf16); a bias that starts 4 bytes past an aligned address (a view with a storage offset)
+# makes the launcher narrow both loads instead of reading misaligned packs.
+@pytest.mark.cuda
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_act_cuda_matches_cpu_with_misaligned_bias(interleaved, mode):
+    M, I, E = 45, 256, 4
+    x = random_gemm1_output(M, I, torch.bfloat16)
+    bias = (torch.randn(E * 2 * I + 1) * 3)[1:].view(E, 2 * I)
+    offsets = random_offsets(M, E)
+    given = torch.tensor([0.05])
+    want_q, want_s = run_act(x, mode, "swigluoai", interleaved, bias, offsets, given)
+    poison_cuda_allocator(0xFF)
+    q, s = run_act(x.cuda(), mode, "swigluoai", interleaved, bias.cuda(), offsets.cuda(), given.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(s.cpu(), want_s)
+    assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+
+
 # The MoE models' GEMM1 outputs in their own activation, layout and bias, per token (the
 # per-token kernel's team sizes: Qwen3-30B's 768 and Qwen3-235B's 1536 on one warp, DeepSeek-V3's
 # 2048 on two, gpt-oss's 2880 on four, Mixtral's 14336 in two chunks, one in shared memory), and
