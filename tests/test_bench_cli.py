@@ -189,3 +189,23 @@ def test_harness_times_permute_against_torch_and_the_sm_copy_ceiling():
     assert ctx.ceilings["copy"] == max(copy["forms_Bps"].values()) > 1e11
     for names in copy["kernels"].values():  # None where the profiler could not say
         assert names is None or not any("memcpy" in n.lower() for n in names)
+
+
+def test_kernel_names_are_shortened_for_the_layer_breakdown():
+    from moe_kernels.bench.harness import _short_kernel_name
+    assert _short_kernel_name("void moe_kernels::permute_rows_kernel<16>(moe_kernels::PermuteRowsParams)") \
+        == "permute_rows_kernel"
+    assert _short_kernel_name("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalI") == "cutlass_gemm"
+    assert _short_kernel_name("Memset (Device)") == "Memset (Device)"
+
+
+@pytest.mark.cuda
+def test_short_steps_are_timed_over_a_replay_long_enough_to_hide_the_graph_launch():
+    from moe_kernels.bench.harness import MIN_REPLAY_S, _captured_runner, _timed_ms, kernel_times_us
+    x = torch.randn(64, 128, device="cuda")
+    run, calls = _captured_runner(lambda: x.add(1), [()])
+    assert calls > 1  # one 32 KB add is far below a millisecond
+    run()
+    assert min(_timed_ms(run, 3)) / 1e3 >= 0.5 * MIN_REPLAY_S
+    kernels = kernel_times_us(lambda: x.add(1))
+    assert kernels is None or (len(kernels) == 1 and kernels[0][1] > 0)

@@ -4,8 +4,11 @@ ceilings measured in the same run, and the result rows.
 Timing: each contender is captured in a CUDA graph that calls it once per input set (sets rotate
 so that their total size exceeds L2 and every call reads from memory); the graphs are replayed in
 turns, `rounds` times `reps` replays each, each replay timed with CUDA events; the median replay
-time divided by the number of sets is the time of one call. Graphs remove the CPU launch gaps, so
-small-T numbers are kernel time, not Python time. Turns make clock drift (long FP8 GEMMs move the
+time divided by the number of calls in the graph is the time of one call. Graphs remove the CPU
+launch gaps, so small-T numbers are kernel time, not Python time. A graph shorter than
+MIN_REPLAY_S is captured again with the sets repeated until it is not: a replay timed by events
+also holds the host's launch of the graph (~5-20 us while the GPU idles), which measured a
+4 us quantization pass at 10-27 us (H100 layer steps, 2026-12-05). Turns make clock drift (long FP8 GEMMs move the
 clock with power and temperature by up to ~20% within a run) fall on every contender alike. A
 contender that cannot be captured (it syncs the host) is timed eagerly, launch gaps included, and
 the row says so.
@@ -26,6 +29,10 @@ L2_ROTATION_BYTES = 256 << 20  # rotate inputs until this many bytes: several ti
 # Routings a gemm/layer row cycles through at most (routing_sets in layer.py): at decode a call
 # reads a few experts, and 16 calls per replay leave the graph launch ~1/16 of one call's time.
 ROTATION_MAX_SETS = 16
+# A replay shorter than this is re-captured with its calls repeated: the graph launch (host time
+# the events see while the GPU waits) stays under ~2% of what is timed.
+MIN_REPLAY_S = 1e-3
+MAX_REPEATS = 256
 FP8 = torch.float8_e4m3fn
 
 
@@ -39,8 +46,9 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:80] if text else ''}"
 
 
-def _capture(fn: Callable, arg_sets: Sequence[tuple]) -> "torch.cuda.CUDAGraph":
-    """A CUDA graph that calls fn once per arg set (warmed up outside the capture first)."""
+def _capture(fn: Callable, arg_sets: Sequence[tuple], repeats: int = 1) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph that calls fn once per arg set, `repeats` times over (warmed up outside the
+    capture first)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -50,9 +58,24 @@ def _capture(fn: Callable, arg_sets: Sequence[tuple]) -> "torch.cuda.CUDAGraph":
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for args in arg_sets:
-            fn(*args)
+        for _ in range(repeats):
+            for args in arg_sets:
+                fn(*args)
     return graph
+
+
+def _captured_runner(fn: Callable, arg_sets: Sequence[tuple]) -> Tuple[Callable[[], None], int]:
+    """A replay of fn over the arg sets lasting at least MIN_REPLAY_S, and how many calls it makes.
+    Repeats call fn on the same sets again; sets that rotate through more than L2 still read from
+    memory, and a fixed input (one set) is L2-resident across replays either way."""
+    graph = _capture(fn, arg_sets)
+    graph.replay()
+    once = min(_timed_ms(graph.replay, 3)) / 1e3
+    repeats = min(MAX_REPEATS, math.ceil(MIN_REPLAY_S / max(once, 1e-7)))
+    if repeats > 1:
+        del graph
+        graph = _capture(fn, arg_sets, repeats)
+    return graph.replay, repeats * len(arg_sets)
 
 
 def _timed_ms(run: Callable[[], None], reps: int) -> List[float]:
@@ -86,10 +109,11 @@ def measure(fns: Dict[str, Callable], arg_sets: Sequence[tuple] = ((),), reps: i
     """Median seconds per call of each fn(*args) over the arg sets, timed in turns."""
     arg_sets = list(arg_sets)
     runners: Dict[str, Callable[[], None]] = {}
+    calls: Dict[str, int] = {}
     result = Times()
     for name, fn in fns.items():
         try:
-            runners[name] = _capture(fn, arg_sets).replay
+            runners[name], calls[name] = _captured_runner(fn, arg_sets)
         except Exception as e:  # noqa: BLE001  (a peer may be missing, or sync the host)
             try:
                 torch.cuda.synchronize()
@@ -98,7 +122,7 @@ def measure(fns: Dict[str, Callable], arg_sets: Sequence[tuple] = ((),), reps: i
             except Exception as e2:  # noqa: BLE001
                 result[name] = _first_line(e2)
                 continue
-            runners[name] = _eager(fn, arg_sets)
+            runners[name], calls[name] = _eager(fn, arg_sets), len(arg_sets)
             result.notes[name] = f"timed eagerly, not capturable ({_first_line(e)})"
     for run in runners.values():
         run()
@@ -108,11 +132,42 @@ def measure(fns: Dict[str, Callable], arg_sets: Sequence[tuple] = ((),), reps: i
             times[name] += _timed_ms(run, reps)
     runners.clear()
     for name, t in times.items():
-        result[name] = sorted(t)[len(t) // 2] / 1e3 / len(arg_sets)
+        result[name] = sorted(t)[len(t) // 2] / 1e3 / calls[name]
     ordered = Times()
     ordered.update((name, result[name]) for name in fns)
     ordered.notes = result.notes
     return ordered
+
+
+def _short_kernel_name(name: str) -> str:
+    """A kernel's name without namespaces, template arguments and parameters: CUTLASS kernels
+    become "cutlass_gemm" (their template is several kilobytes long)."""
+    if name.startswith("_ZN7cutlass") or name.startswith("void cutlass::device_kernel"):
+        return "cutlass_gemm"
+    if not name.startswith("void "):  # memset, memcpy and extern "C" kernels keep their names
+        return name
+    base = name.removeprefix("void ").split("<", 1)[0].split("(", 1)[0]
+    return base.rsplit("::", 1)[-1] or name[:40]
+
+
+def kernel_times_us(fn: Callable) -> Optional[List[Tuple[str, float]]]:
+    """The device activities of one eager call of fn in launch order, as (short name, microseconds
+    on the GPU), or None where the profiler cannot say. Each duration is the kernel's own time, so
+    launch gaps between them do not count; their sum can be below the graph-timed call."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                        key=lambda e: e.time_range.start)
+        return [(_short_kernel_name(e.name), e.time_range.elapsed_us()) for e in events] or None
+    except Exception:  # noqa: BLE001  (no CUPTI: the breakdown is left out)
+        return None
 
 
 def _kernel_names(fn: Callable) -> Optional[List[str]]:

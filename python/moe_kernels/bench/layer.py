@@ -19,7 +19,7 @@ import moe_kernels
 from . import features, hf_experts, roofline
 from ..modular.experts import gated_activation
 from .gemm import chosen_config, routed_offsets
-from .harness import FP8, ROTATION_MAX_SETS, Context, Times, sets_for
+from .harness import FP8, ROTATION_MAX_SETS, Context, Times, kernel_times_us, sets_for
 
 # Every contender's CUDA graph holds its intermediates at once: beyond 4096 tokens DeepSeek-V3's
 # (34 GB of bf16 + fp8 weights, ~10 GB per torch layer) would not fit an 80 GB H100.
@@ -196,13 +196,17 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     if all(isinstance(t[k], float) for k in ("ours", "gemm1", "gemm2")):
         gemm_share = (t["gemm1"] + t["gemm2"]) / t["ours"]
     t.update({name: why for name, why in hf.items() if isinstance(why, str)})
+    # Where the layer's time goes, kernel by kernel (GPU time of one eager call, launch order): the
+    # step rows above time each step alone, on inputs of their own.
+    kernels = kernel_times_us(lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2, **kw))
     extra = {"activation": m.activation, "gate_up_interleaved": m.gate_up_interleaved,
              "expert_bias": m.expert_bias} if (act or m.expert_bias) else {}
     if act and not act_quant:
         extra["silu_quant_note"] = "silu_and_mul_quant_fp8 takes no activation keyword in this build: silu's time"
     return ctx.row("layer", m, T, t, 6 * M * H * I, "fp8", peers=PEERS, traffic=traffic,
                    gemm_share=gemm_share, routings=len(sets), touched_experts=touched,
-                   gemm1_config=chosen_config(M, E, H), gemm2_config=chosen_config(M, E, I), **steps, **extra)
+                   gemm1_config=chosen_config(M, E, H), gemm2_config=chosen_config(M, E, I), **steps,
+                   kernels_us=kernels, **extra)
 
 
 def run(ctx: Context) -> list:

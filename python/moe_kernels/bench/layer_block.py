@@ -14,7 +14,7 @@ import torch
 import moe_kernels
 
 from . import roofline
-from .harness import FP8, Context
+from .harness import FP8, Context, kernel_times_us
 from .layer import routing_sets, torch_bf16_layer
 
 TOKENS = [16, 1024, 4096]
@@ -50,7 +50,8 @@ def rows(ctx, m, T, w1b, w2b, w1, w2, s1, s2):
     }, sets)
     M = T * K
     out = [ctx.row("layer_block", m, T, t, 6 * M * H * I, "fp8", ours="block", traffic=traffic_of(touched),
-                   routings=len(sets), touched_experts=touched)]
+                   routings=len(sets), touched_experts=touched,
+                   kernels_us=kernel_times_us(lambda: layer(x, w1, w2, sets[0][1], ids, s1, s2)))]
 
     def new_step():
         q, s = moe_kernels.per_token_group_quant_fp8(x, BLOCK)
