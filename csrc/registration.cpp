@@ -42,6 +42,9 @@ STABLE_TORCH_LIBRARY(moe_kernels, m) {
   // gemm/ and moe/
   m.def("cutlass_grouped_gemm_fp8(Tensor a, Tensor b, Tensor a_scales, Tensor b_scales, Tensor expert_offsets, "
         "ScalarType? out_dtype=None) -> Tensor");
+  m.def("cutlass_grouped_gemm_fp8_act_quant(Tensor a, Tensor b, Tensor a_scales, Tensor b_scales, "
+        "Tensor expert_offsets, Tensor out_scale, str activation=\"silu\", float swiglu_alpha=1.702, "
+        "float swiglu_limit=7.0, Tensor? bias=None) -> Tensor");
   // No tensors, hence no dispatch key: one kernel for every backend (CompositeExplicitAutograd, in
   // gemm/ops.cpp; the stable def takes no function).
   m.def("grouped_gemm_fp8_configs() -> str[]");

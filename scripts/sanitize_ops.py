@@ -182,6 +182,36 @@ def run_gemm():
                                 torch.ones(8, 2, 1, device=DEV))
 
 
+def run_gemm_epilogue():
+    # GEMM1 with the activation and quantization in its epilogue: direct byte stores from the
+    # accumulators, clipped at each expert's rows and at N (partial tiles), every activation, with
+    # and without bias, per tensor and per token/channel; empty experts; then the layer's fused path
+    # (interleaved w1, static a2_scale, > 32 rows per expert).
+    need("cutlass_grouped_gemm_fp8_act_quant")
+    fp8 = torch.float8_e4m3fn
+    for counts, N, K in [([5, 0, 37, 1], 64, 128), ([3, 1], 16, 16), ([0, 150, 2], 768, 512)]:
+        offsets = torch.tensor([0] + counts, device=DEV).cumsum(0)
+        M, E = int(offsets[-1]), len(counts)
+        a = torch.randn(M, K, device=DEV).to(fp8)
+        b = torch.randn(E, N, K, device=DEV).to(fp8)
+        for act in ACTIVATIONS:
+            moe_kernels.cutlass_grouped_gemm_fp8_act_quant(a, b, torch.ones(1, device=DEV), torch.ones(E, device=DEV),
+                                                           offsets, torch.tensor([0.5], device=DEV), act)
+            moe_kernels.cutlass_grouped_gemm_fp8_act_quant(a, b, torch.rand(M, device=DEV), torch.rand(E, N, device=DEV),
+                                                           offsets, torch.tensor([0.5], device=DEV), act,
+                                                           bias=torch.randn(E, N, device=DEV))
+    T, E, K, H, I = 200, 4, 2, 256, 128
+    x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16)
+    w1 = (torch.randn(E, 2 * I, H, device=DEV) * 0.05).to(fp8)
+    w2 = (torch.randn(E, H, I, device=DEV) * 0.05).to(fp8)
+    ids, w = routing(T, E, K)
+    got = moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, torch.ones(E, device=DEV), torch.ones(E, device=DEV),
+                                      torch.tensor([0.02], device=DEV), torch.tensor([0.05], device=DEV),
+                                      activation="swigluoai", gate_up_interleaved=True,
+                                      w1_bias=torch.randn(E, 2 * I, device=DEV))
+    assert got.isfinite().all()
+
+
 FP8 = torch.float8_e4m3fn
 ACTIVATIONS = ("silu", "gelu", "swigluoai")
 # CUDA against the CPU reference of the same op: e4m3 requantization flips a rounding now and
@@ -387,7 +417,8 @@ def run_generated(examples):
 
 
 FAMILIES = {"permute": run_permute, "quant": run_quant, "ep": run_ep, "ep_dispatch": run_ep_dispatch,
-            "routing": run_routing, "gemm": run_gemm, "activations": run_activations, "fourbit": run_fourbit}
+            "routing": run_routing, "gemm": run_gemm, "gemm_epilogue": run_gemm_epilogue,
+            "activations": run_activations, "fourbit": run_fourbit}
 
 
 if __name__ == "__main__":

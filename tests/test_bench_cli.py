@@ -201,11 +201,12 @@ def test_kernel_names_are_shortened_for_the_layer_breakdown():
 
 @pytest.mark.cuda
 def test_short_steps_are_timed_over_a_replay_long_enough_to_hide_the_graph_launch():
-    from moe_kernels.bench.harness import MIN_REPLAY_S, _captured_runner, _timed_ms, kernel_times_us
+    from moe_kernels.bench.harness import MAX_REPEATS, MIN_REPLAY_S, _captured_runner, _timed_ms, kernel_times_us
     x = torch.randn(64, 128, device="cuda")
     run, calls = _captured_runner(lambda: x.add(1), [()])
     assert calls > 1  # one 32 KB add is far below a millisecond
     run()
-    assert min(_timed_ms(run, 3)) / 1e3 >= 0.5 * MIN_REPLAY_S
+    # At least the minimum, unless the repeats ran out first (a few-microsecond kernel).
+    assert calls == MAX_REPEATS or min(_timed_ms(run, 3)) / 1e3 >= 0.5 * MIN_REPLAY_S
     kernels = kernel_times_us(lambda: x.add(1))
     assert kernels is None or (len(kernels) == 1 and kernels[0][1] > 0)

@@ -45,7 +45,7 @@ def test_sanitize_ops_compiles_and_covers_this_waves_kernels():
     py_compile.compile(str(SCRIPTS / "sanitize_ops.py"), doraise=True)
     text = (SCRIPTS / "sanitize_ops.py").read_text()
     for name in ("def run_activations", "def run_fourbit", "cutlass_moe_mxfp4", "cutlass_moe_w4a8", "swigluoai",
-                 "w2_bias", "SKIPPED"):
+                 "w2_bias", "SKIPPED", "cutlass_grouped_gemm_fp8_act_quant"):
         assert name in text, name
 
 
@@ -67,5 +67,5 @@ def test_sanitize_ops_dry_run_on_the_cpu_references():
                          env=env_with_package(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "sanitize_ops: done; failed: none" in out.stdout
-    for family in ("permute", "quant", "ep", "routing", "gemm", "activations", "fourbit"):
+    for family in ("permute", "quant", "ep", "routing", "gemm", "gemm_epilogue", "activations", "fourbit"):
         assert f"sanitize_ops: {family}: ran" in out.stdout or f"SKIPPED {family}:" in out.stdout, family

@@ -37,17 +37,17 @@ size_t scratch_bytes(int E) {
   return layout<K>(nullptr, E, &s);
 }
 
-template <class K>
+template <class K, class Args = GroupedGemmFp8Args>
 size_t workspace_bytes(int sm_count) {
-  GroupedGemmFp8Args a{};
+  Args a{};
   a.sm_count = sm_count;
   a.num_experts = 1;
   typename K::Scratch s{};
   return K::Gemm::get_workspace_size(K::make_arguments(a, s));
 }
 
-template <class K>
-const char* launch(const GroupedGemmFp8Args& a, cudaStream_t stream) {
+template <class K, class Args>
+const char* launch(const Args& a, cudaStream_t stream) {
   if (a.num_experts == 0) return "";
   typename K::Scratch s{};
   layout<K>(a.scratch, a.num_experts, &s);

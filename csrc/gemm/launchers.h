@@ -33,6 +33,22 @@ struct GroupedGemmFp8Args {
   bool block_scaled;
 };
 
+// GEMM1 with the gated activation and the fp8 quantization of its output in the epilogue
+// (grouped_gemm_fp8_gated_sm90.cuh): out [M, n/2] e4m3 = e4m3(act(h[:, 2j] + bias, h[:, 2j+1] + bias)
+// / out_scale), h the bf16 output the plain GEMM would write for the same a, b and scales; b's rows
+// interleave gate (even) and up (odd). Per tensor/token a_scale and per expert/channel b_scale only
+// (block_scaled false).
+struct GroupedGemmFp8GatedArgs : GroupedGemmFp8Args {
+  const float* out_scale;  // [1]: static per-tensor scale of the output
+  const float* bias;       // [E, n] fp32 in b's row order, or nullptr
+  int activation;          // a GatedActivation (quant/gated_act.h)
+  float swiglu_alpha;
+  float swiglu_limit;
+};
+size_t grouped_gemm_fp8_gated_scratch_bytes(int num_experts);
+size_t grouped_gemm_fp8_gated_workspace_bytes(int sm_count);
+const char* launch_grouped_gemm_fp8_gated(const GroupedGemmFp8GatedArgs& args, cudaStream_t stream);
+
 // One configuration (one .cu file each: CUTLASS, or the decode GEMV of grouped_gemv_fp8.cuh): its
 // scratch and workspace sizes and its launch, which returns an empty string on success, else what
 // went wrong (CUTLASS status or CUDA error).

@@ -12,9 +12,8 @@
 #include "gemm/launchers.h"
 
 namespace moe_kernels {
-namespace {
 
-int sm_count(int device) {
+int grouped_gemm_sm_count(int device) {
   static std::array<int, 64> cached{};
   if (cached[device] == 0) {
     int n = 0;
@@ -23,6 +22,8 @@ int sm_count(int device) {
   }
   return cached[device];
 }
+
+namespace {
 
 // The configuration by rows (in all and per expert), unless MOE_KERNELS_GEMM_CONFIG names one (a
 // tuning and testing override, read at each call: it is a host-side getenv, no device work). A
@@ -64,7 +65,7 @@ Tensor cutlass_grouped_gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& 
   const int E = static_cast<int>(b.size(0));
   Tensor out = empty_on({a.size(0), b.size(1)}, kBFloat16, a);
   if (a.size(0) == 0 || E == 0) return out;
-  const int sms = sm_count(static_cast<int>(a.get_device_index()));
+  const int sms = grouped_gemm_sm_count(static_cast<int>(a.get_device_index()));
   const bool block_scaled = b_scales.dim() == 3;
   const GroupedGemmFp8Kernel& kernel = pick_kernel(a.size(0), E, a.size(1), block_scaled);
   Tensor scratch = empty_on({static_cast<int64_t>(kernel.scratch_bytes(E))}, kByte, a);

@@ -7,6 +7,7 @@
 // the C++ implementation of that device directly (no boxed dispatcher call per step; on torch <
 // 2.13 an error raised inside an op called through the dispatcher would lose its text). Every
 // argument is checked here first anyway, so the messages name cutlass_moe_fp8's own arguments.
+#include <cstdlib>
 #include <tuple>
 
 #include "common/stable_glue.h"
@@ -134,6 +135,24 @@ struct Steps {
   }
 };
 
+// Whether GEMM1 runs with the activation and the quantization in its epilogue
+// (cutlass_grouped_gemm_fp8_act_quant) instead of the GEMM and silu_and_mul_quant_fp8 apart: it
+// needs gate/up interleaved rows (each thread holds a gate and its up value), a static per-tensor
+// output scale (a dynamic one needs the maximum over columns other tiles hold) and per-expert or
+// per-channel weight scales. It has one configuration, the 128x256x128 cooperative tile of the
+// plain GEMM above 32 rows per expert, with the same accumulation order as the plain GEMM's choice
+// there (K tiles of 128), so the layer's bytes do not depend on the path. A forced configuration
+// (MOE_KERNELS_GEMM_CONFIG, for tuning) keeps the plain GEMM.
+bool gemm1_epilogue_applies(bool block, bool gate_up_interleaved, const std::optional<Tensor>& a2_scale, int64_t rows,
+                            int64_t num_local_experts) {
+  if (block || !gate_up_interleaved || !a2_scale.has_value()) return false;
+  if (a2_scale->numel() != 1 || a2_scale->scalar_type() != kFloat) return false;  // the plain path's checks say why
+  const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
+  if (forced != nullptr && forced[0] != '\0') return false;
+  constexpr int64_t kMinRowsPerExpert = 33;  // below, the plain GEMM takes 64-row tiles or the GEMV
+  return num_local_experts > 0 && rows / num_local_experts >= kMinRowsPerExpert;
+}
+
 Tensor cutlass_moe_fp8_impl(const Tensor& hidden_states, const Tensor& w1, const Tensor& w2,
                                 const Tensor& topk_weights, const Tensor& topk_ids, const Tensor& w1_scale,
                                 const Tensor& w2_scale, const std::optional<Tensor>& a1_scale,
@@ -239,21 +258,32 @@ Tensor cutlass_moe_fp8_impl(const Tensor& hidden_states, const Tensor& w1, const
                    a1_per_tensor ? std::nullopt : std::optional<Tensor>(a1s));
   const Tensor gemm1_scales = a1_per_tensor ? a1s : permuted_scales;  // [1], [M, 1] or [M, H/128]
 
-  Tensor h1 = step.gemm(permuted, w1, gemm1_scales, w1s, offsets);  // [M, 2I] bf16
-  // Each intermediate is released once consumed, so that the caching allocator reuses its memory for
-  // the next one: the peak holds GEMM1's output or GEMM2's, not every step's at once.
-  x_q = Tensor();
-  x = Tensor();
-  permuted = Tensor();
-  // The activation of GEMM1's rows (+ w1_bias of each row's expert) fused with their quantization:
-  // [M, I] e4m3 with [M, I/128] (block), [1] or [M, 1] scales.
   const auto with_offsets = [&](const std::optional<Tensor>& b) {
     return b ? std::optional<Tensor>(offsets) : std::nullopt;
   };
-  auto [y_q, a2s] = step.act_quant(h1, block ? std::nullopt : a2_scale, block ? false : per_act_token,
-                                   block ? kBlock : 0, activation, gate_up_interleaved, swiglu_alpha, swiglu_limit,
-                                   w1_bias, with_offsets(w1_bias));
-  h1 = Tensor();
+  Tensor y_q;
+  Tensor a2s;
+  if (step.on_cuda && gemm1_epilogue_applies(block, gate_up_interleaved, a2_scale, permuted.size(0), E_local)) {
+    // GEMM1 with the activation and the quantization in its epilogue: no [M, 2I] bf16 in memory.
+    y_q = cuda::cutlass_grouped_gemm_fp8_act_quant(permuted, w1, gemm1_scales, w1s, offsets, *a2_scale, activation,
+                                                   swiglu_alpha, swiglu_limit, w1_bias);
+    a2s = *a2_scale;
+    x_q = Tensor();
+    x = Tensor();
+    permuted = Tensor();
+  } else {
+    Tensor h1 = step.gemm(permuted, w1, gemm1_scales, w1s, offsets);  // [M, 2I] bf16
+    // Each intermediate is released once consumed, so that the caching allocator reuses its memory
+    // for the next one: the peak holds GEMM1's output or GEMM2's, not every step's at once.
+    x_q = Tensor();
+    x = Tensor();
+    permuted = Tensor();
+    // The activation of GEMM1's rows (+ w1_bias of each row's expert) fused with their
+    // quantization: [M, I] e4m3 with [M, I/128] (block), [1] or [M, 1] scales.
+    std::tie(y_q, a2s) = step.act_quant(h1, block ? std::nullopt : a2_scale, block ? false : per_act_token,
+                                        block ? kBlock : 0, activation, gate_up_interleaved, swiglu_alpha,
+                                        swiglu_limit, w1_bias, with_offsets(w1_bias));
+  }
   Tensor h2 = step.gemm(y_q, w2, a2s, w2s, offsets);  // [M, H] bf16
   Tensor out = step.unpermute(h2, weights, inv, w2_bias, with_offsets(w2_bias));
   // Quantized input has no dtype of its own to return to: the output stays bfloat16.

@@ -28,6 +28,22 @@ inline at::Tensor cutlass_grouped_gemm_fp8(const at::Tensor& a, const at::Tensor
   return handle.call(a, b, a_scales, b_scales, expert_offsets, out_dtype);
 }
 
+// GEMM1 with the gated activation and static fp8 quantization in its epilogue: b's rows interleave
+// gate (even) and up (odd); out_scale [1] f32; bias optional [E, N] f32 -> [M, N/2] e4m3, the bytes of
+// silu_and_mul_quant_fp8(cutlass_grouped_gemm_fp8(...), out_scale, interleaved) (docs/ops.md).
+inline at::Tensor cutlass_grouped_gemm_fp8_act_quant(const at::Tensor& a, const at::Tensor& b,
+                                                     const at::Tensor& a_scales, const at::Tensor& b_scales,
+                                                     const at::Tensor& expert_offsets, const at::Tensor& out_scale,
+                                                     c10::string_view activation = "silu", double swiglu_alpha = 1.702,
+                                                     double swiglu_limit = 7.0,
+                                                     const std::optional<at::Tensor>& bias = std::nullopt) {
+  static auto handle = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("moe_kernels::cutlass_grouped_gemm_fp8_act_quant", "")
+                           .typed<decltype(cutlass_grouped_gemm_fp8_act_quant)>();
+  return handle.call(a, b, a_scales, b_scales, expert_offsets, out_scale, activation, swiglu_alpha, swiglu_limit,
+                     bias);
+}
+
 // Names of the compiled tile configurations of cutlass_grouped_gemm_fp8 (the environment variable
 // MOE_KERNELS_GEMM_CONFIG=<name> forces one; unset, the rows per expert choose).
 inline std::vector<std::string> grouped_gemm_fp8_configs() {

@@ -27,6 +27,7 @@ from .ops.permute import (  # noqa: E402
 from . import modular  # noqa: E402
 from .ops.gemm import (  # noqa: E402
     cutlass_grouped_gemm_fp8,
+    cutlass_grouped_gemm_fp8_act_quant,
     cutlass_moe_fp8,
     grouped_gemm_fp8_choice,
     grouped_gemm_fp8_configs,
@@ -52,6 +53,7 @@ include_path = str(Path(__file__).resolve().parent / "include")
 
 __all__ = [
     "cutlass_grouped_gemm_fp8",
+    "cutlass_grouped_gemm_fp8_act_quant",
     "grouped_gemm_fp8_configs",
     "grouped_gemm_fp8_choice",
     "cutlass_moe_fp8",

@@ -19,13 +19,14 @@ import moe_kernels
 from . import features, hf_experts, roofline
 from ..modular.experts import gated_activation
 from .gemm import chosen_config, routed_offsets
-from .harness import FP8, ROTATION_MAX_SETS, Context, Times, kernel_times_us, sets_for
+from .harness import FP8, ROTATION_MAX_SETS, Context, Times, forced_gemm_config, kernel_times_us, sets_for
 
 # Every contender's CUDA graph holds its intermediates at once: beyond 4096 tokens DeepSeek-V3's
 # (34 GB of bf16 + fp8 weights, ~10 GB per torch layer) would not fit an 80 GB H100.
 TOKENS = [16, 128, 1024, 4096]
 QUICK_TOKENS = [16, 1024, 4096]
 STEPS = ("gemm1", "gemm2", "quant", "permute", "silu_quant", "unpermute")
+FUSED_GEMM1_TILE = "coop_128x256x128_c1x2"  # the fused GEMM1's tile, as a plain-GEMM configuration
 PEERS = ["torch_fp8", "torch_bf16", "hf_grouped_mm", "hf_batched_mm"]
 HF_CHECK_TOL = 0.05  # HF's bf16 layer vs ours in bf16: relative max error of a correct call ~1e-2
 
@@ -178,6 +179,21 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     # The activation step with the model's activation where the op takes it (else silu's time).
     act_quant = act if features.accepts("silu_and_mul_quant_fp8", *act) else {}
     hf = {f"hf_{impl}": hf_peer(impl, m, T, w1b, w2b, x, ids, w) for impl in ("grouped_mm", "batched_mm")}
+    # GEMM1 with the activation and quantization in its epilogue against the same layer with GEMM1
+    # and the activation kernel apart (the configuration forced keeps the plain path), where the
+    # fused path applies (static a2_scale, interleaved gate/up, > 32 rows per expert). Models with
+    # concatenated gate/up rows are timed with their w1 read as interleaved: the same work, the rows
+    # paired differently.
+    fused_kw = dict(kw, gate_up_interleaved=True)
+    gemm1_pair = {}
+    if M // E > 32 and features.function("cutlass_grouped_gemm_fp8_act_quant") is not None:
+        def unfused(i, wt, *_):
+            with forced_gemm_config(FUSED_GEMM1_TILE):
+                return moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw)
+        gemm1_pair = {
+            "fused_gemm1": lambda i, wt, *_: moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw),
+            "unfused_gemm1": unfused,
+        }
     t = ctx.measure({
         "ours": lambda i, wt, o, inv, i64, wb: moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **kw),
         "torch_fp8": lambda i, wt, o, inv, i64, wb: torch_fp8_layer(x, w1, w2, sr1, sr2, wt, i, E, act, b1, b2),
@@ -190,8 +206,11 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
         "permute": lambda i, *_: moe_kernels.moe_permute(xq_tokens, i, E),
         "silu_quant": lambda *_: moe_kernels.silu_and_mul_quant_fp8(h1, a2, **act_quant),
         "unpermute": lambda i, wt, o, inv, i64, wb: moe_kernels.moe_unpermute(h2, wt, inv),
+        **gemm1_pair,
     }, sets)
     steps = {f"{k}_us": t[k] * 1e6 if isinstance(t[k], float) else None for k in STEPS}
+    for k in gemm1_pair:
+        steps[f"{k}_us"] = t[k] * 1e6 if isinstance(t[k], float) else None
     gemm_share = None
     if all(isinstance(t[k], float) for k in ("ours", "gemm1", "gemm2")):
         gemm_share = (t["gemm1"] + t["gemm2"]) / t["ours"]

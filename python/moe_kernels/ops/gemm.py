@@ -39,6 +39,42 @@ def cutlass_grouped_gemm_fp8(a: Tensor, b: Tensor, a_scales: Tensor, b_scales: T
     return _ops.cutlass_grouped_gemm_fp8(a, b, a_scales, b_scales, expert_offsets, out_dtype)
 
 
+def cutlass_grouped_gemm_fp8_act_quant(a: Tensor, b: Tensor, a_scales: Tensor, b_scales: Tensor,
+                                       expert_offsets: Tensor, out_scale: Tensor, activation: str = "silu",
+                                       swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                                       bias: Optional[Tensor] = None) -> Tensor:
+    """GEMM1 of the FP8 expert layer with the gated activation and the fp8 quantization of its
+    output in the CUTLASS epilogue: the [M, N] bf16 intermediate is never written. Equal, byte for
+    byte, to ``silu_and_mul_quant_fp8(cutlass_grouped_gemm_fp8(a, b, a_scales, b_scales,
+    expert_offsets), out_scale, activation=activation, gate_up_interleaved=True, bias=bias,
+    expert_offsets=expert_offsets if bias is not None else None)[0]`` when that GEMM runs a
+    128-row configuration (those have the same accumulation order; ``cutlass_moe_fp8`` uses this op
+    only there, see below).
+
+    Args:
+        a: [M, K] float8_e4m3fn rows grouped by expert; K % 16 == 0.
+        b: [E, N, K] float8_e4m3fn with gate and up rows interleaved (row 2j gate j, row 2j+1 up j:
+            gpt-oss's layout; interleave a concatenated w13 once at load time); N even.
+        a_scales: [1] float32 per tensor, or [M] / [M, 1] per row.
+        b_scales: [E] float32 per expert, or [E, N] per output channel (block scales: an error).
+        expert_offsets: [E + 1] int64.
+        out_scale: [1] float32, the static scale of the output (a2_scale).
+        activation: ``"silu"``, ``"gelu"`` or ``"swigluoai"`` (as silu_and_mul_quant_fp8).
+        swiglu_alpha, swiglu_limit: the constants of ``"swigluoai"``.
+        bias: optional [E, N] float32 in b's row order, added in fp32 to the bf16-rounded GEMM
+            output before the activation.
+    Returns:
+        [M, N // 2] float8_e4m3fn; rows at and past expert_offsets[-1] are not written.
+
+    ``cutlass_moe_fp8`` takes this path on sm_90a when w1 is interleaved (gate_up_interleaved),
+    a2_scale is static and the rows per expert (M // E) exceed 32; elsewhere it runs the GEMM and
+    silu_and_mul_quant_fp8 apart. No host sync, CUDA-graph capturable. CUDA path not yet verified
+    on a GPU.
+    """
+    return _ops.cutlass_grouped_gemm_fp8_act_quant(a, b, a_scales, b_scales, expert_offsets, out_scale, activation,
+                                                   float(swiglu_alpha), float(swiglu_limit), bias)
+
+
 def grouped_gemm_fp8_configs() -> list:
     """Names of the compiled configurations of :func:`cutlass_grouped_gemm_fp8`, e.g.
     ``coop_128x128x128_c1x2`` (CUTLASS: schedule, tile M x N x K, cluster M x N), and the decode
@@ -142,6 +178,12 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
 @torch.library.register_fake("moe_kernels::cutlass_grouped_gemm_fp8")
 def _(a, b, a_scales, b_scales, expert_offsets, out_dtype=None):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("moe_kernels::cutlass_grouped_gemm_fp8_act_quant")
+def _(a, b, a_scales, b_scales, expert_offsets, out_scale, activation="silu", swiglu_alpha=1.702,
+      swiglu_limit=7.0, bias=None):
+    return a.new_empty((a.shape[0], b.shape[1] // 2), dtype=torch.float8_e4m3fn)
 
 
 @torch.library.register_fake("moe_kernels::cutlass_moe_fp8")

@@ -1,0 +1,219 @@
+"""cutlass_grouped_gemm_fp8_act_quant (GEMM1 with the gated activation and the static fp8
+quantization in the epilogue): the CPU implementation against the unfused ops and a float64
+formula; bad arguments; on a GPU, the fused CUTLASS epilogue byte for byte against the plain GEMM
+(the same tile configuration forced) followed by silu_and_mul_quant_fp8, and the layer's fused path
+against its unfused path."""
+
+import os
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import moe_kernels
+
+from fp8_helpers import FP8, quantize_per_expert
+from helpers import poison_cuda_allocator, random_topk_ids
+
+ACTS = ["silu", "gelu", "swigluoai"]
+SHAPES = [  # (rows per expert, N = 2I, K)
+    ([5, 0, 37, 1, 130, 0, 2, 64], 256, 128),
+    ([0, 0, 300, 0], 64, 512),           # one expert takes every row
+    ([3, 1], 16, 16),                    # smallest aligned sizes
+    ([129, 257, 0], 768, 2048),          # partial row and column tiles, long K
+    ([0, 0, 0], 32, 32),                 # no rows at all
+]
+FORCED = "coop_128x256x128_c1x2"
+OPCHECK_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")  # the plain GEMM's configuration with the fused one's tile
+
+
+def make_problem(counts, N, K, per_token=False, per_channel=False, bias=False, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    E = len(counts)
+    offsets = torch.zeros(E + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(counts), 0)
+    M = int(offsets[-1])
+    a = (torch.randn(M, K, generator=g) / 0.02).clamp(-448, 448).to(FP8)
+    a_scale = torch.tensor([0.02]) * (0.5 + torch.rand(M, 1, generator=g)) if per_token else torch.tensor([0.02])
+    b, b_scale = quantize_per_expert(torch.randn(E, N, K, generator=g))
+    if per_channel:
+        b_scale = b_scale.reshape(E, 1) * (0.5 + torch.rand(E, N, generator=g))
+    out_scale = torch.tensor([0.05])
+    b1 = torch.randn(E, N, generator=g) if bias else None
+    tensors = [a, b, a_scale, b_scale, offsets, out_scale, b1]
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+def unfused(a, b, a_s, b_s, off, out_scale, activation, bias):
+    h = moe_kernels.cutlass_grouped_gemm_fp8(a, b, a_s, b_s, off)
+    q, _ = moe_kernels.silu_and_mul_quant_fp8(h, out_scale, activation=activation, gate_up_interleaved=True,
+                                              bias=bias, expert_offsets=off if bias is not None else None)
+    return q
+
+
+def formula(a, b, a_s, b_s, off, out_scale, activation, bias):
+    """float64 GEMM per expert rounded to bf16, + bias, gated activation of interleaved columns,
+    / out_scale."""
+    a, b = a.double().cpu(), b.double().cpu()
+    E, N = b.shape[0], b.shape[1]
+    sa = a_s.double().cpu().reshape(-1, 1).expand(a.shape[0], 1)
+    sb = b_s.double().cpu().reshape(E, -1)
+    h = torch.zeros(a.shape[0], N, dtype=torch.float64)
+    o = off.tolist()
+    for e in range(E):
+        h[o[e]:o[e + 1]] = (a[o[e]:o[e + 1]] * sa[o[e]:o[e + 1]]) @ (b[e] * sb[e].reshape(-1, 1)).t()
+    # The op's contract: the GEMM output is rounded to bf16 before the bias (as the unfused layer),
+    # which matters where the bias cancels most of it.
+    h = h.to(torch.bfloat16).double()
+    for e in range(E):
+        if bias is not None:
+            h[o[e]:o[e + 1]] += bias[e].double().cpu()
+    g, u = h[:, 0::2], h[:, 1::2]
+    if activation == "silu":
+        y = torch.nn.functional.silu(g) * u
+    elif activation == "gelu":
+        y = torch.nn.functional.gelu(g) * u
+    else:
+        g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
+        y = (u + 1) * g * torch.sigmoid(1.702 * g)
+    return y / out_scale.double().cpu()
+
+
+@pytest.mark.parametrize("counts,N,K", SHAPES)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("scales", ["tensor", "token_channel"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_equals_the_unfused_ops(counts, N, K, activation, scales, bias):
+    args = make_problem(counts, N, K, per_token=scales != "tensor", per_channel=scales != "tensor", bias=bias)
+    a, b, a_s, b_s, off, out_scale, b1 = args
+    q = moe_kernels.cutlass_grouped_gemm_fp8_act_quant(a, b, a_s, b_s, off, out_scale, activation, bias=b1)
+    assert q.dtype == FP8 and q.shape == (a.shape[0], N // 2)
+    assert torch.equal(q.view(torch.uint8), unfused(*args[:6], activation, b1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("counts,N,K", SHAPES[:4])
+@pytest.mark.parametrize("activation", ACTS)
+def test_cpu_matches_the_float64_formula(counts, N, K, activation):
+    args = make_problem(counts, N, K, per_token=True, per_channel=True, bias=True, seed=1)
+    q = moe_kernels.cutlass_grouped_gemm_fp8_act_quant(*args[:6], activation, bias=args[6])
+    ref = formula(*args[:6], activation, args[6]).clamp(-448, 448)
+    # bf16 rounding of the GEMM output (2^-9 relative), then one e4m3 rounding (2^-4 relative): the
+    # quantized value is within 1/16 of the exact one plus e4m3's smallest step near zero.
+    torch.testing.assert_close(q.double(), ref, rtol=0.07, atol=2 ** -9 * 1.5)
+
+
+def test_opcheck_cpu():
+    args = make_problem([5, 0, 37], 64, 32, per_token=True, per_channel=True, bias=True)
+    # test_schema is left out, as for cutlass_grouped_gemm_fp8: its mutation check multiplies the
+    # float8 inputs, which torch does not implement on the CPU.
+    opcheck(torch.ops.moe_kernels.cutlass_grouped_gemm_fp8_act_quant.default,
+            (*args[:6], "swigluoai", 1.702, 7.0, args[6]), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p.update(b_s=torch.ones(p["b"].shape[0], 1, 1)), "block-scaled"),
+    (lambda p: p.update(out_scale=torch.tensor([0.1, 0.2])), "out_scale must hold one value"),
+    (lambda p: p.update(out_scale=torch.tensor([0.1], dtype=torch.float64)), "out_scale must be float32"),
+    (lambda p: p.update(activation="relu"), "relu"),
+    (lambda p: p.update(bias=torch.zeros(p["b"].shape[0], 3)), "bias must be"),
+    (lambda p: p.update(bias=torch.zeros(p["b"].shape[0], p["b"].shape[1], dtype=torch.float64)), "bias must be float32"),
+])
+def test_bad_arguments_name_what_is_wrong(change, message):
+    a, b, a_s, b_s, off, out_scale, _ = make_problem([4, 3], 32, 32)
+    p = dict(a=a, b=b, a_s=a_s, b_s=b_s, off=off, out_scale=out_scale, activation="silu", bias=None)
+    change(p)
+    with pytest.raises(RuntimeError, match="cutlass_grouped_gemm_fp8"):
+        try:
+            moe_kernels.cutlass_grouped_gemm_fp8_act_quant(p["a"], p["b"], p["a_s"], p["b_s"], p["off"],
+                                                           p["out_scale"], p["activation"], bias=p["bias"])
+        except RuntimeError as e:
+            assert message in str(e), str(e)
+            raise
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("counts,N,K", SHAPES)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("scales", ["tensor", "token_channel"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cuda_fused_epilogue_equals_the_plain_gemm_then_act_quant(counts, N, K, activation, scales, bias, monkeypatch):
+    args = make_problem(counts, N, K, per_token=scales != "tensor", per_channel=scales != "tensor", bias=bias,
+                        device="cuda", seed=2)
+    poison_cuda_allocator(0xFF)
+    q = moe_kernels.cutlass_grouped_gemm_fp8_act_quant(*args[:6], activation, bias=args[6])
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", FORCED)
+    ref = unfused(*args[:6], activation, args[6])
+    assert torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
+    # And close to the CPU reference, whose fp32 dot products round differently than the MMA's.
+    cpu = moe_kernels.cutlass_grouped_gemm_fp8_act_quant(*[t.cpu() if t is not None else None for t in args[:6]],
+                                                         activation, bias=args[6].cpu() if bias else None)
+    assert_within_one_e4m3_step_mostly(q, cpu)
+
+
+def e4m3_line(q):
+    """e4m3 codes (sign-magnitude bytes) on one increasing integer line: adjacent values differ by 1."""
+    c = q.cpu().view(torch.uint8).int()
+    return torch.where(c >= 128, -(c - 128), c)
+
+
+def assert_within_one_e4m3_step_mostly(got, want):
+    """CUDA against the CPU reference: a GEMM output one bf16 unit apart (another summation order)
+    moves its e4m3 result by at most one step (up to 12.5% relative), except where a bias cancels
+    most of the output and amplifies that unit; so nearly every byte is within one step."""
+    steps = (e4m3_line(got) - e4m3_line(want)).abs()
+    if steps.numel():
+        assert (steps > 1).float().mean().item() < 0.005, steps.max()
+        assert (steps == 0).float().mean().item() > 0.8
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_graph_capture():
+    args = make_problem([40, 0, 77], 256, 128, per_token=True, per_channel=True, bias=True, device="cuda")
+    opcheck(torch.ops.moe_kernels.cutlass_grouped_gemm_fp8_act_quant.default, (*args[:6], "silu", 1.702, 7.0, args[6]),
+            test_utils=OPCHECK_UTILS)
+    eager = moe_kernels.cutlass_grouped_gemm_fp8_act_quant(*args[:6], bias=args[6])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe_kernels.cutlass_grouped_gemm_fp8_act_quant(*args[:6], bias=args[6])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager.view(torch.uint8), captured.view(torch.uint8))
+
+
+def interleave(w):
+    """[E, 2I, ...] with gate rows then up rows -> gate and up alternating."""
+    N = w.shape[1]
+    return torch.stack([w[:, :N // 2], w[:, N // 2:]], 2).reshape(w.shape)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T,E,K,H,I", [(512, 8, 2, 256, 128), (1000, 16, 4, 512, 384), (333, 4, 1, 128, 64)])
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_cuda_layer_takes_the_fused_path_with_the_same_bytes(T, E, K, H, I, activation, bias, monkeypatch):
+    torch.manual_seed(3)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids = random_topk_ids(T, K, E, device="cuda")
+    w = torch.rand(T, K, device="cuda")
+    w1, s1 = quantize_per_expert(interleave(torch.randn(E, 2 * I, H)))
+    w2, s2 = quantize_per_expert(torch.randn(E, H, I))
+    w1, s1, w2, s2 = w1.cuda(), s1.cuda(), w2.cuda(), s2.cuda()
+    b1 = torch.randn(E, 2 * I, device="cuda") if bias else None
+    a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.05], device="cuda")
+    assert T * K // E > 32  # the fused path's condition
+
+    def layer():
+        return moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s1, s2, a1, a2, activation=activation,
+                                           gate_up_interleaved=True, w1_bias=b1)
+
+    fused = layer()
+    assert torch.equal(fused, layer())  # run to run
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", FORCED)  # forces the plain GEMM and the activation kernel
+    assert torch.equal(fused, layer())
+    monkeypatch.delenv("MOE_KERNELS_GEMM_CONFIG")
+    cpu = moe_kernels.cutlass_moe_fp8(x.cpu(), w1.cpu(), w2.cpu(), w.cpu(), ids.cpu(), s1.cpu(), s2.cpu(), a1.cpu(),
+                                      a2.cpu(), activation=activation, gate_up_interleaved=True,
+                                      w1_bias=b1.cpu() if bias else None)
+    err = (fused.float().cpu() - cpu.float()).norm() / cpu.float().norm()
+    assert err < 0.03
+    assert os.environ.get("MOE_KERNELS_GEMM_CONFIG") is None
