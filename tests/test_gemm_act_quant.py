@@ -167,6 +167,25 @@ def assert_within_one_e4m3_step_mostly(got, want):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("config", ["gated_pingpong_128x128x128_c1x2", "gated_coop_128x256x128_c1x2"])
+@pytest.mark.parametrize("counts,N,K", [SHAPES[0], SHAPES[3]])
+def test_cuda_every_fused_configuration_gives_the_same_bytes(config, counts, N, K, monkeypatch):
+    args = make_problem(counts, N, K, per_token=True, per_channel=True, bias=True, device="cuda", seed=4)
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", config)
+    q = moe_kernels.cutlass_grouped_gemm_fp8_act_quant(*args[:6], "swigluoai", bias=args[6])
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", FORCED)
+    assert torch.equal(q.view(torch.uint8), unfused(*args[:6], "swigluoai", args[6]).view(torch.uint8))
+
+
+@pytest.mark.cuda
+def test_cuda_unknown_fused_configuration_is_an_error(monkeypatch):
+    args = make_problem([4, 3], 32, 32, device="cuda")
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", "gated_nonesuch")
+    with pytest.raises(RuntimeError, match="MOE_KERNELS_GEMM_CONFIG=gated_nonesuch names no compiled configuration"):
+        moe_kernels.cutlass_grouped_gemm_fp8_act_quant(*args[:6])
+
+
+@pytest.mark.cuda
 def test_cuda_opcheck_and_graph_capture():
     args = make_problem([40, 0, 77], 256, 128, per_token=True, per_channel=True, bias=True, device="cuda")
     opcheck(torch.ops.moe_kernels.cutlass_grouped_gemm_fp8_act_quant.default, (*args[:6], "silu", 1.702, 7.0, args[6]),

@@ -2,6 +2,8 @@
 // activation and the static fp8 quantization of its output in the epilogue
 // (grouped_gemm_fp8_gated_sm90.cuh). The CPU implementation is the unfused composition of the
 // references it must equal: the grouped GEMM's, then silu_and_mul_quant_fp8's on interleaved rows.
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -14,6 +16,36 @@
 #include "quant/cpu_reference.h"
 
 namespace moe_kernels {
+
+#define MOE_KERNELS_GATED_CONFIGS(X) X(pingpong_128x128x128_c1x2) X(coop_128x256x128_c1x2)
+#define MOE_KERNELS_DECLARE_GATED(name)                                                                    \
+  size_t grouped_gemm_fp8_gated_##name##_scratch_bytes(int);                                              \
+  size_t grouped_gemm_fp8_gated_##name##_workspace_bytes(int);                                            \
+  const char* launch_grouped_gemm_fp8_gated_##name(const GroupedGemmFp8GatedArgs&, cudaStream_t);         \
+  constexpr GroupedGemmFp8GatedKernel k_gated_##name{"gated_" #name, grouped_gemm_fp8_gated_##name##_scratch_bytes, \
+                                                     grouped_gemm_fp8_gated_##name##_workspace_bytes,     \
+                                                     launch_grouped_gemm_fp8_gated_##name};
+MOE_KERNELS_GATED_CONFIGS(MOE_KERNELS_DECLARE_GATED)
+#undef MOE_KERNELS_DECLARE_GATED
+
+// Ping-pong by default: one warpgroup's epilogue (the activation: ~30 instructions per value) runs
+// under the other warpgroup's MMAs. The cooperative 128x256 tile, first tried (H100, 2026-12-05,
+// bench --ops layer: gpt-oss-20b T = 4096 GEMM1 935 us fused against 539 us for the plain GEMM and
+// 94 us for the activation pass), leaves both warpgroups idle on the tensor cores while they run
+// the epilogue; it stays compiled for comparison (MOE_KERNELS_GEMM_CONFIG=gated_coop_128x256x128_c1x2).
+const GroupedGemmFp8GatedKernel* select_grouped_gemm_fp8_gated(const char* forced) {
+  const GroupedGemmFp8GatedKernel* const kernels[] = {
+#define MOE_KERNELS_GATED_ADDRESS(name) &k_gated_##name,
+      MOE_KERNELS_GATED_CONFIGS(MOE_KERNELS_GATED_ADDRESS)
+#undef MOE_KERNELS_GATED_ADDRESS
+  };
+  if (forced == nullptr || std::strncmp(forced, "gated_", 6) != 0) return kernels[0];
+  for (const GroupedGemmFp8GatedKernel* k : kernels) {
+    if (std::strcmp(k->name, forced) == 0) return k;
+  }
+  return nullptr;
+}
+
 namespace {
 
 constexpr const char* kOp = "cutlass_grouped_gemm_fp8_act_quant";
@@ -57,9 +89,13 @@ Tensor cutlass_grouped_gemm_fp8_act_quant(const Tensor& a, const Tensor& b, cons
   const int E = static_cast<int>(b.size(0));
   Tensor out = empty_on({a.size(0), b.size(1) / 2}, kFloat8, a);
   if (a.size(0) == 0 || E == 0) return out;
+  const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
+  const GroupedGemmFp8GatedKernel* kernel = select_grouped_gemm_fp8_gated(forced);
+  STD_TORCH_CHECK(kernel != nullptr, kOp, ": MOE_KERNELS_GEMM_CONFIG=", forced, " names no compiled configuration "
+                  "(gated ones: gated_pingpong_128x128x128_c1x2, gated_coop_128x256x128_c1x2)");
   const int sms = grouped_gemm_sm_count(static_cast<int>(a.get_device_index()));
-  Tensor scratch = empty_on({static_cast<int64_t>(grouped_gemm_fp8_gated_scratch_bytes(E))}, kByte, a);
-  Tensor workspace = empty_on({static_cast<int64_t>(grouped_gemm_fp8_gated_workspace_bytes(sms)) + 1}, kByte, a);
+  Tensor scratch = empty_on({static_cast<int64_t>(kernel->scratch_bytes(E))}, kByte, a);
+  Tensor workspace = empty_on({static_cast<int64_t>(kernel->workspace_bytes(sms)) + 1}, kByte, a);
   GroupedGemmFp8GatedArgs args{};
   args.a = a.data_ptr();
   args.b = b.data_ptr();
@@ -82,8 +118,8 @@ Tensor cutlass_grouped_gemm_fp8_act_quant(const Tensor& a, const Tensor& b, cons
   args.activation = static_cast<int>(act);
   args.swiglu_alpha = static_cast<float>(swiglu_alpha);
   args.swiglu_limit = static_cast<float>(swiglu_limit);
-  const char* err = launch_grouped_gemm_fp8_gated(args, current_stream(a));
-  STD_TORCH_CHECK(err[0] == '\0', kOp, ": ", err);
+  const char* err = kernel->launch(args, current_stream(a));
+  STD_TORCH_CHECK(err[0] == '\0', kOp, " (", kernel->name, "): ", err);
   return out;
 }
 

@@ -2,7 +2,8 @@
 // epilogue (gated_quant_epilogue.cuh): out [M, N/2] e4m3 from a [M, K] e4m3 and interleaved
 // gate/up weights b [E, N, K]. The mainloop is the per-channel grouped GEMM's (same tile, cluster
 // and schedule as its 128x256x128 cooperative configuration, so the same accumulators); only the
-// epilogue differs. One configuration, in grouped_gemm_fp8_gated_coop_128x256x128_c1x2.cu.
+// epilogue differs. Each configuration in its own .cu file (grouped_gemm_fp8_gated_<name>.cu)
+// through MOE_KERNELS_GATED_GEMM_DEFINE below; the choice: grouped_gemm_fp8_gated.cpp.
 #pragma once
 #include "gemm/gated_quant_epilogue.cuh"
 #include "gemm/grouped_gemm_fp8_sm90.cuh"
@@ -94,3 +95,23 @@ struct GatedKernel {
 
 }  // namespace grouped_gemm_fp8
 }  // namespace moe_kernels
+
+// Instantiates one configuration of the fused GEMM1 and its entry points (declared in
+// grouped_gemm_fp8_gated.cpp): grouped_gemm_fp8_gated_<name>_scratch_bytes, _workspace_bytes and
+// launch_grouped_gemm_fp8_gated_<name>.
+#define MOE_KERNELS_GATED_GEMM_DEFINE(name, TILE_M, TILE_N, TILE_K, CLUSTER_M, CLUSTER_N, KERNEL)              \
+  namespace moe_kernels {                                                                                   \
+  using GatedGemm_##name = grouped_gemm_fp8::GatedKernel<grouped_gemm_fp8::Config<                          \
+      cute::Shape<cute::Int<TILE_M>, cute::Int<TILE_N>, cute::Int<TILE_K>>,                                \
+      cute::Shape<cute::Int<CLUSTER_M>, cute::Int<CLUSTER_N>, cute::_1>, KERNEL,                           \
+      cutlass::epilogue::PtrArrayNoSmemWarpSpecialized>>;                                                   \
+  size_t grouped_gemm_fp8_gated_##name##_scratch_bytes(int E) {                                             \
+    return grouped_gemm_launch::scratch_bytes<GatedGemm_##name>(E);                                          \
+  }                                                                                                         \
+  size_t grouped_gemm_fp8_gated_##name##_workspace_bytes(int sms) {                                         \
+    return grouped_gemm_launch::workspace_bytes<GatedGemm_##name, GroupedGemmFp8GatedArgs>(sms);             \
+  }                                                                                                         \
+  const char* launch_grouped_gemm_fp8_gated_##name(const GroupedGemmFp8GatedArgs& a, cudaStream_t stream) { \
+    return grouped_gemm_launch::launch<GatedGemm_##name>(a, stream);                                         \
+  }                                                                                                         \
+  }  // namespace moe_kernels

@@ -45,9 +45,16 @@ struct GroupedGemmFp8GatedArgs : GroupedGemmFp8Args {
   float swiglu_alpha;
   float swiglu_limit;
 };
-size_t grouped_gemm_fp8_gated_scratch_bytes(int num_experts);
-size_t grouped_gemm_fp8_gated_workspace_bytes(int sm_count);
-const char* launch_grouped_gemm_fp8_gated(const GroupedGemmFp8GatedArgs& args, cudaStream_t stream);
+// One configuration of it (one .cu file each, grouped_gemm_fp8_gated_<name>.cu).
+struct GroupedGemmFp8GatedKernel {
+  const char* name;  // "gated_<tile>", the name MOE_KERNELS_GEMM_CONFIG may give
+  size_t (*scratch_bytes)(int num_experts);
+  size_t (*workspace_bytes)(int sm_count);
+  const char* (*launch)(const GroupedGemmFp8GatedArgs& args, cudaStream_t stream);
+};
+// The configuration a call runs (the rule and its measurements: grouped_gemm_fp8_gated.cpp), or
+// the one MOE_KERNELS_GEMM_CONFIG names when it names a gated one (nullptr: no such name).
+const GroupedGemmFp8GatedKernel* select_grouped_gemm_fp8_gated(const char* forced);
 
 // One configuration (one .cu file each: CUTLASS, or the decode GEMV of grouped_gemv_fp8.cuh): its
 // scratch and workspace sizes and its launch, which returns an empty string on success, else what

@@ -3,6 +3,7 @@
 // expert). Stable ABI, see common/stable_glue.h.
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,8 @@ const GroupedGemmFp8Kernel& pick_kernel(int64_t rows, int64_t num_experts, int64
   const GroupedGemmFp8Kernel& chosen = block_scaled ? select_grouped_gemm_fp8_block(rows, avg_rows_per_expert, depth)
                                                     : select_grouped_gemm_fp8(rows, avg_rows_per_expert, depth);
   const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
-  if (forced == nullptr || forced[0] == '\0') return chosen;
+  // A gated name forces the fused GEMM1 (grouped_gemm_fp8_gated.cpp); the plain GEMMs keep their table.
+  if (forced == nullptr || forced[0] == '\0' || std::strncmp(forced, "gated_", 6) == 0) return chosen;
   const GroupedGemmFp8Kernel* k = find_grouped_gemm_fp8(forced);
   STD_TORCH_CHECK(k != nullptr, "cutlass_grouped_gemm_fp8: MOE_KERNELS_GEMM_CONFIG=", forced,
                   " names no compiled configuration; see moe_kernels.grouped_gemm_fp8_configs()");

@@ -8,6 +8,7 @@
 // 2.13 an error raised inside an op called through the dispatcher would lose its text). Every
 // argument is checked here first anyway, so the messages name cutlass_moe_fp8's own arguments.
 #include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "common/stable_glue.h"
@@ -139,16 +140,16 @@ struct Steps {
 // (cutlass_grouped_gemm_fp8_act_quant) instead of the GEMM and silu_and_mul_quant_fp8 apart: it
 // needs gate/up interleaved rows (each thread holds a gate and its up value), a static per-tensor
 // output scale (a dynamic one needs the maximum over columns other tiles hold) and per-expert or
-// per-channel weight scales. It has one configuration, the 128x256x128 cooperative tile of the
-// plain GEMM above 32 rows per expert, with the same accumulation order as the plain GEMM's choice
-// there (K tiles of 128), so the layer's bytes do not depend on the path. A forced configuration
-// (MOE_KERNELS_GEMM_CONFIG, for tuning) keeps the plain GEMM.
+// per-channel weight scales. Its configurations have K tiles of 128, as the plain GEMM's choices
+// above 32 rows per expert, so the same accumulation order: the layer's bytes do not depend on the
+// path. A forced plain configuration (MOE_KERNELS_GEMM_CONFIG, for tuning) keeps the plain GEMM; a
+// forced gated one (gated_...) picks the fused configuration.
 bool gemm1_epilogue_applies(bool block, bool gate_up_interleaved, const std::optional<Tensor>& a2_scale, int64_t rows,
                             int64_t num_local_experts) {
   if (block || !gate_up_interleaved || !a2_scale.has_value()) return false;
   if (a2_scale->numel() != 1 || a2_scale->scalar_type() != kFloat) return false;  // the plain path's checks say why
   const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
-  if (forced != nullptr && forced[0] != '\0') return false;
+  if (forced != nullptr && forced[0] != '\0' && std::strncmp(forced, "gated_", 6) != 0) return false;
   constexpr int64_t kMinRowsPerExpert = 33;  // below, the plain GEMM takes 64-row tiles or the GEMV
   return num_local_experts > 0 && rows / num_local_experts >= kMinRowsPerExpert;
 }

@@ -190,8 +190,12 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
         def unfused(i, wt, *_):
             with forced_gemm_config(FUSED_GEMM1_TILE):
                 return moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw)
+        def fused_coop(i, wt, *_):
+            with forced_gemm_config("gated_coop_128x256x128_c1x2"):
+                return moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw)
         gemm1_pair = {
             "fused_gemm1": lambda i, wt, *_: moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw),
+            "fused_gemm1_coop": fused_coop,
             "unfused_gemm1": unfused,
         }
     t = ctx.measure({
