@@ -182,13 +182,7 @@ def run_gemm():
                                 torch.ones(8, 2, 1, device=DEV))
 
 
-def run_gemm_epilogue():
-    # GEMM1 with the activation and quantization in its epilogue: direct byte stores from the
-    # accumulators, clipped at each expert's rows and at N (partial tiles), every activation, with
-    # and without bias, per tensor and per token/channel; empty experts; then the layer's fused path
-    # (interleaved w1, static a2_scale, > 32 rows per expert).
-    need("cutlass_grouped_gemm_fp8_act_quant")
-    fp8 = torch.float8_e4m3fn
+def _gemm_epilogue_calls(fp8):
     for counts, N, K in [([5, 0, 37, 1], 64, 128), ([3, 1], 16, 16), ([0, 150, 2], 768, 512)]:
         offsets = torch.tensor([0] + counts, device=DEV).cumsum(0)
         M, E = int(offsets[-1]), len(counts)
@@ -200,15 +194,30 @@ def run_gemm_epilogue():
             moe_kernels.cutlass_grouped_gemm_fp8_act_quant(a, b, torch.rand(M, device=DEV), torch.rand(E, N, device=DEV),
                                                            offsets, torch.tensor([0.5], device=DEV), act,
                                                            bias=torch.randn(E, N, device=DEV))
+
+
+def run_gemm_epilogue():
+    # GEMM1 with the activation and quantization in its epilogue: direct byte stores from the
+    # accumulators, clipped at each expert's rows and at N (partial tiles), every activation, with
+    # and without bias, per tensor and per token/channel; empty experts; then the layer's fused path
+    # (interleaved w1, static a2_scale, > 32 rows per expert).
+    need("cutlass_grouped_gemm_fp8_act_quant")
+    fp8 = torch.float8_e4m3fn
+    for config in ("gated_pingpong_128x128x128_c1x2", "gated_coop_128x256x128_c1x2"):
+        os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
+        _gemm_epilogue_calls(fp8)
+    os.environ.pop("MOE_KERNELS_GEMM_CONFIG")
     T, E, K, H, I = 200, 4, 2, 256, 128
     x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16)
     w1 = (torch.randn(E, 2 * I, H, device=DEV) * 0.05).to(fp8)
     w2 = (torch.randn(E, H, I, device=DEV) * 0.05).to(fp8)
     ids, w = routing(T, E, K)
+    os.environ["MOE_KERNELS_GEMM_CONFIG"] = "gated_pingpong_128x128x128_c1x2"  # the layer's fused path is opt-in
     got = moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, torch.ones(E, device=DEV), torch.ones(E, device=DEV),
                                       torch.tensor([0.02], device=DEV), torch.tensor([0.05], device=DEV),
                                       activation="swigluoai", gate_up_interleaved=True,
                                       w1_bias=torch.randn(E, 2 * I, device=DEV))
+    os.environ.pop("MOE_KERNELS_GEMM_CONFIG")
     assert got.isfinite().all()
 
 

@@ -2,7 +2,7 @@
 quantization in the epilogue): the CPU implementation against the unfused ops and a float64
 formula; bad arguments; on a GPU, the fused CUTLASS epilogue byte for byte against the plain GEMM
 (the same tile configuration forced) followed by silu_and_mul_quant_fp8, and the layer's fused path
-against its unfused path."""
+(opted in through MOE_KERNELS_GEMM_CONFIG=gated_<name>) against its default unfused path."""
 
 import os
 
@@ -209,7 +209,8 @@ def interleave(w):
 @pytest.mark.parametrize("T,E,K,H,I", [(512, 8, 2, 256, 128), (1000, 16, 4, 512, 384), (333, 4, 1, 128, 64)])
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_cuda_layer_takes_the_fused_path_with_the_same_bytes(T, E, K, H, I, activation, bias, monkeypatch):
+@pytest.mark.parametrize("config", ["gated_pingpong_128x128x128_c1x2", "gated_coop_128x256x128_c1x2"])
+def test_cuda_layer_fused_path_gives_the_same_bytes(T, E, K, H, I, activation, bias, config, monkeypatch):
     torch.manual_seed(3)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids = random_topk_ids(T, K, E, device="cuda")
@@ -219,16 +220,17 @@ def test_cuda_layer_takes_the_fused_path_with_the_same_bytes(T, E, K, H, I, acti
     w1, s1, w2, s2 = w1.cuda(), s1.cuda(), w2.cuda(), s2.cuda()
     b1 = torch.randn(E, 2 * I, device="cuda") if bias else None
     a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.05], device="cuda")
-    assert T * K // E > 32  # the fused path's condition
+    assert T * K // E > 32  # the fused path's condition (with the opt-in below)
 
     def layer():
         return moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s1, s2, a1, a2, activation=activation,
                                            gate_up_interleaved=True, w1_bias=b1)
 
+    unfused_layer = layer()  # the default: GEMM1 and the activation kernel apart
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", config)  # opts in to the fused GEMM1
     fused = layer()
     assert torch.equal(fused, layer())  # run to run
-    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", FORCED)  # forces the plain GEMM and the activation kernel
-    assert torch.equal(fused, layer())
+    assert torch.equal(fused, unfused_layer)
     monkeypatch.delenv("MOE_KERNELS_GEMM_CONFIG")
     cpu = moe_kernels.cutlass_moe_fp8(x.cpu(), w1.cpu(), w2.cpu(), w.cpu(), ids.cpu(), s1.cpu(), s2.cpu(), a1.cpu(),
                                       a2.cpu(), activation=activation, gate_up_interleaved=True,

@@ -26,7 +26,7 @@ from .harness import FP8, ROTATION_MAX_SETS, Context, Times, forced_gemm_config,
 TOKENS = [16, 128, 1024, 4096]
 QUICK_TOKENS = [16, 1024, 4096]
 STEPS = ("gemm1", "gemm2", "quant", "permute", "silu_quant", "unpermute")
-FUSED_GEMM1_TILE = "coop_128x256x128_c1x2"  # the fused GEMM1's tile, as a plain-GEMM configuration
+FUSED_GEMM1_CONFIGS = ("gated_pingpong_128x128x128_c1x2", "gated_coop_128x256x128_c1x2")
 PEERS = ["torch_fp8", "torch_bf16", "hf_grouped_mm", "hf_batched_mm"]
 HF_CHECK_TOL = 0.05  # HF's bf16 layer vs ours in bf16: relative max error of a correct call ~1e-2
 
@@ -179,25 +179,22 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     # The activation step with the model's activation where the op takes it (else silu's time).
     act_quant = act if features.accepts("silu_and_mul_quant_fp8", *act) else {}
     hf = {f"hf_{impl}": hf_peer(impl, m, T, w1b, w2b, x, ids, w) for impl in ("grouped_mm", "batched_mm")}
-    # GEMM1 with the activation and quantization in its epilogue against the same layer with GEMM1
-    # and the activation kernel apart (the configuration forced keeps the plain path), where the
-    # fused path applies (static a2_scale, interleaved gate/up, > 32 rows per expert). Models with
-    # concatenated gate/up rows are timed with their w1 read as interleaved: the same work, the rows
-    # paired differently.
+    # GEMM1 with the activation and quantization in its epilogue (opted in by naming a fused
+    # configuration) against the same layer with GEMM1 and the activation kernel apart (the default),
+    # where the fused path applies (static a2_scale, interleaved gate/up, > 32 rows per expert).
+    # Models with concatenated gate/up rows are timed with their w1 read as interleaved: the same
+    # work, the rows paired differently.
     fused_kw = dict(kw, gate_up_interleaved=True)
     gemm1_pair = {}
     if M // E > 32 and features.function("cutlass_grouped_gemm_fp8_act_quant") is not None:
-        def unfused(i, wt, *_):
-            with forced_gemm_config(FUSED_GEMM1_TILE):
-                return moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw)
-        def fused_coop(i, wt, *_):
-            with forced_gemm_config("gated_coop_128x256x128_c1x2"):
-                return moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw)
-        gemm1_pair = {
-            "fused_gemm1": lambda i, wt, *_: moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw),
-            "fused_gemm1_coop": fused_coop,
-            "unfused_gemm1": unfused,
-        }
+        def with_config(config):
+            def call(i, wt, *_):
+                with forced_gemm_config(config):
+                    return moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw)
+            return call
+        gemm1_pair = {"fused_gemm1": with_config(FUSED_GEMM1_CONFIGS[0]),
+                      "fused_gemm1_coop": with_config(FUSED_GEMM1_CONFIGS[1]),
+                      "unfused_gemm1": with_config(None)}
     t = ctx.measure({
         "ours": lambda i, wt, o, inv, i64, wb: moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **kw),
         "torch_fp8": lambda i, wt, o, inv, i64, wb: torch_fp8_layer(x, w1, w2, sr1, sr2, wt, i, E, act, b1, b2),

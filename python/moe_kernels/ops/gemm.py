@@ -66,10 +66,13 @@ def cutlass_grouped_gemm_fp8_act_quant(a: Tensor, b: Tensor, a_scales: Tensor, b
     Returns:
         [M, N // 2] float8_e4m3fn; rows at and past expert_offsets[-1] are not written.
 
-    ``cutlass_moe_fp8`` takes this path on sm_90a when w1 is interleaved (gate_up_interleaved),
-    a2_scale is static and the rows per expert (M // E) exceed 32; elsewhere it runs the GEMM and
-    silu_and_mul_quant_fp8 apart. No host sync, CUDA-graph capturable. CUDA path not yet verified
-    on a GPU.
+    Configurations: ``gated_pingpong_128x128x128_c1x2`` (the default) and
+    ``gated_coop_128x256x128_c1x2``; ``MOE_KERNELS_GEMM_CONFIG=gated_<name>`` forces one.
+    ``cutlass_moe_fp8`` takes this path only when that variable names one (opt-in: on an H100 the
+    cooperative configuration made the layer slower; the ping-pong one is not yet verified on a GPU)
+    and w1 is interleaved, a2_scale static and M // E > 32; otherwise it runs the GEMM and
+    silu_and_mul_quant_fp8 apart. No host sync, CUDA-graph capturable. Byte equality with the
+    unfused ops verified on an H100 for the cooperative configuration (docs/ops.md).
     """
     return _ops.cutlass_grouped_gemm_fp8_act_quant(a, b, a_scales, b_scales, expert_offsets, out_scale, activation,
                                                    float(swiglu_alpha), float(swiglu_limit), bias)
