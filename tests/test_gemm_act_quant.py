@@ -131,6 +131,43 @@ def test_bad_arguments_name_what_is_wrong(change, message):
             raise
 
 
+@pytest.mark.parametrize("name,change,message", [
+    ("a dtype", lambda p: p.update(a=p["a"].float()), "a must be float8_e4m3fn, got Float"),
+    ("b shape", lambda p: p.update(b=p["b"][0]), "b must be 3-D [E, N, K]"),
+    ("b contiguity", lambda p: p.update(b=p["b"].transpose(1, 2).contiguous().transpose(1, 2)),
+     "b must be contiguous"),
+    ("a_scales shape", lambda p: p.update(a_s=torch.ones(3)), "a_scales must be [1] (per tensor) or [M]"),
+    ("b_scales dtype", lambda p: p.update(b_s=p["b_s"].double()), "b_scales must be float32"),
+    ("offsets dtype", lambda p: p.update(off=p["off"].int()), "expert_offsets must be int64"),
+    ("offsets shape", lambda p: p.update(off=p["off"][:-1]), "expert_offsets must have shape [3]"),
+    ("bias contiguity", lambda p: p.update(bias=torch.zeros(p["b"].shape[1], 2).t()), "bias must be contiguous"),
+    ("block scales with bad K", lambda p: p.update(b_s=torch.ones(2, 1, 1)), "block-scaled weights"),
+])
+def test_every_argument_check_names_this_op_and_the_argument(name, change, message):
+    a, b, a_s, b_s, off, out_scale, _ = make_problem([4, 3], 32, 32)
+    p = dict(a=a, b=b, a_s=a_s, b_s=b_s, off=off, bias=None)
+    change(p)
+    with pytest.raises(RuntimeError, match="cutlass_grouped_gemm_fp8_act_quant: ") as err:
+        moe_kernels.cutlass_grouped_gemm_fp8_act_quant(p["a"], p["b"], p["a_s"], p["b_s"], p["off"], out_scale,
+                                                       bias=p["bias"])
+    assert message in str(err.value), (name, str(err.value))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["out_scale", "bias", "a_scales"])
+def test_cuda_arguments_on_another_device_are_named(which):
+    args = make_problem([4, 3], 32, 32, bias=True, device="cuda")
+    a, b, a_s, b_s, off, out_scale, b1 = args
+    if which == "out_scale":
+        out_scale = out_scale.cpu()
+    elif which == "bias":
+        b1 = b1.cpu()
+    else:
+        a_s = a_s.cpu()
+    with pytest.raises(RuntimeError, match=f"cutlass_grouped_gemm_fp8_act_quant: {which} must be on cuda:0"):
+        moe_kernels.cutlass_grouped_gemm_fp8_act_quant(a, b, a_s, b_s, off, out_scale, bias=b1)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("counts,N,K", SHAPES)
 @pytest.mark.parametrize("activation", ACTS)

@@ -6,8 +6,7 @@ namespace moe_kernels {
 
 void check_grouped_gemm_fp8_args(const Tensor& a, const Tensor& b, const Tensor& a_scales,
                                  const Tensor& b_scales, const Tensor& expert_offsets,
-                                 std::optional<ScalarType> out_dtype) {
-  const char* op = "cutlass_grouped_gemm_fp8";
+                                 std::optional<ScalarType> out_dtype, const char* op) {
   STD_TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D [M, K], got shape ", shape_of(a));
   STD_TORCH_CHECK(b.dim() == 3, op, ": b must be 3-D [E, N, K], got shape ", shape_of(b));
   STD_TORCH_CHECK(a.scalar_type() == kFloat8, op, ": a must be float8_e4m3fn, got ", a.scalar_type());

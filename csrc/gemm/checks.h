@@ -7,6 +7,7 @@ namespace moe_kernels {
 
 void check_grouped_gemm_fp8_args(const Tensor& a, const Tensor& b, const Tensor& a_scales,
                                  const Tensor& b_scales, const Tensor& expert_offsets,
-                                 std::optional<ScalarType> out_dtype);
+                                 std::optional<ScalarType> out_dtype,
+                                 const char* op = "cutlass_grouped_gemm_fp8");  // the op messages name
 
 }  // namespace moe_kernels

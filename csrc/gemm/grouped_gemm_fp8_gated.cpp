@@ -55,9 +55,9 @@ constexpr const char* kOp = "cutlass_grouped_gemm_fp8_act_quant";
 GatedActivation check_act_quant_args(const Tensor& a, const Tensor& b, const Tensor& a_scales, const Tensor& b_scales,
                                      const Tensor& expert_offsets, const Tensor& out_scale,
                                      const std::string& activation, const std::optional<Tensor>& bias) {
-  check_grouped_gemm_fp8_args(a, b, a_scales, b_scales, expert_offsets, std::nullopt);
   STD_TORCH_CHECK(b_scales.dim() != 3, kOp, ": block-scaled weights (3-D b_scales) are not supported: their "
                   "activations need a per-group output scale; use cutlass_grouped_gemm_fp8 + silu_and_mul_quant_fp8");
+  check_grouped_gemm_fp8_args(a, b, a_scales, b_scales, expert_offsets, std::nullopt, kOp);
   STD_TORCH_CHECK(b.size(1) % 2 == 0, kOp, ": b must have an even number of rows N (gate and up interleaved), got ",
                   b.size(1));
   STD_TORCH_CHECK(out_scale.numel() == 1, kOp, ": out_scale must hold one value (a static per-tensor scale), got shape ",
@@ -65,12 +65,9 @@ GatedActivation check_act_quant_args(const Tensor& a, const Tensor& b, const Ten
   STD_TORCH_CHECK(out_scale.scalar_type() == kFloat, kOp, ": out_scale must be float32, got ", out_scale.scalar_type());
   check_same_device(kOp, "out_scale", out_scale, "a", a);
   const GatedActivation act = parse_activation(kOp, activation);
+  // [E, N]: E from expert_offsets, which the GEMM's checks hold to b's E + 1.
   check_expert_bias(kOp, bias, bias ? std::optional<Tensor>(expert_offsets) : std::nullopt, a, "a", b.size(1),
                     "[E, N]", "N from b");
-  if (bias) {
-    STD_TORCH_CHECK(bias->size(0) == b.size(0), kOp, ": bias must have one row per expert of b (", b.size(0),
-                    "), got shape ", shape_of(*bias));
-  }
   return act;
 }
 

@@ -155,40 +155,38 @@ def _short_kernel_name(name: str) -> str:
     return base.rsplit("::", 1)[-1] or name[:40]
 
 
-def kernel_times_us(fn: Callable) -> Optional[List[Tuple[str, float]]]:
-    """The device activities of one eager call of fn in launch order, as (short name, microseconds
-    on the GPU), or None where the profiler cannot say. Each duration is the kernel's own time, so
-    launch gaps between them do not count; their sum can be below the graph-timed call."""
+def _device_events(fn: Callable) -> Optional[list]:
+    """The device activities (kernels, memcpy, memset) of one call of fn, in start order, as the
+    profiler's events; None where the profiler cannot say (no CUPTI)."""
     try:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
-        fn()
-        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
-                        key=lambda e: e.time_range.start)
-        return [(_short_kernel_name(e.name), e.time_range.elapsed_us()) for e in events] or None
-    except Exception:  # noqa: BLE001  (no CUPTI: the breakdown is left out)
+        return sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    except Exception:  # noqa: BLE001  (no CUPTI: the caller goes without)
         return None
+
+
+def kernel_times_us(fn: Callable) -> Optional[List[Tuple[str, float]]]:
+    """The device activities of one eager call of fn (after one unprofiled call) in launch order, as
+    (short name, microseconds on the GPU), or None where the profiler cannot say. Each duration is
+    the kernel's own time, so launch gaps between them do not count; their sum can be below the
+    graph-timed call."""
+    fn()
+    torch.cuda.synchronize()
+    events = _device_events(fn)
+    return [(_short_kernel_name(e.name), e.time_range.elapsed_us()) for e in events] if events else None
 
 
 def _kernel_names(fn: Callable) -> Optional[List[str]]:
     """Names of the device activities of one call of fn (kernels, memcpy, memset), or None where
     the profiler cannot say."""
-    try:
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        names = sorted({e.name for e in prof.events() if e.device_type == DeviceType.CUDA})
-        return names or None
-    except Exception:  # noqa: BLE001  (no CUPTI: the check is skipped, the forms still run)
-        return None
+    events = _device_events(fn)
+    return sorted({e.name for e in events}) or None if events is not None else None
 
 
 def copy_forms(x: torch.Tensor, y: torch.Tensor) -> Dict[str, Callable]:
