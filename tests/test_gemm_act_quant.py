@@ -22,6 +22,8 @@ SHAPES = [  # (rows per expert, N = 2I, K)
     ([3, 1], 16, 16),                    # smallest aligned sizes
     ([129, 257, 0], 768, 2048),          # partial row and column tiles, long K
     ([0, 0, 0], 32, 32),                 # no rows at all
+    ([65, 3], 576, 128),                 # 16-byte stores, a partial column tile in both configurations
+    ([7, 0, 70], 208, 64),               # N % 32 != 0: the byte-by-byte stores
 ]
 FORCED = "coop_128x256x128_c1x2"
 OPCHECK_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")  # the plain GEMM's configuration with the fused one's tile
@@ -205,7 +207,7 @@ def assert_within_one_e4m3_step_mostly(got, want):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("config", ["gated_pingpong_128x128x128_c1x2", "gated_coop_128x256x128_c1x2"])
-@pytest.mark.parametrize("counts,N,K", [SHAPES[0], SHAPES[3]])
+@pytest.mark.parametrize("counts,N,K", [SHAPES[0], SHAPES[3], SHAPES[5], SHAPES[6]])
 def test_cuda_every_fused_configuration_gives_the_same_bytes(config, counts, N, K, monkeypatch):
     args = make_problem(counts, N, K, per_token=True, per_channel=True, bias=True, device="cuda", seed=4)
     monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", config)

@@ -219,6 +219,10 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     # Where the layer's time goes, kernel by kernel (GPU time of one eager call, launch order): the
     # step rows above time each step alone, on inputs of their own.
     kernels = kernel_times_us(lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s, s, a1, a2, **kw))
+    # The same for each fused GEMM1 configuration: where its layer's time goes.
+    for name in gemm1_pair:
+        if name.startswith("fused"):
+            steps[f"{name}_kernels_us"] = kernel_times_us(lambda f=gemm1_pair[name]: f(ids, w))
     extra = {"activation": m.activation, "gate_up_interleaved": m.gate_up_interleaved,
              "expert_bias": m.expert_bias} if (act or m.expert_bias) else {}
     if act and not act_quant:
