@@ -212,12 +212,10 @@ def run_gemm_epilogue():
     w1 = (torch.randn(E, 2 * I, H, device=DEV) * 0.05).to(fp8)
     w2 = (torch.randn(E, H, I, device=DEV) * 0.05).to(fp8)
     ids, w = routing(T, E, K)
-    os.environ["MOE_KERNELS_GEMM_CONFIG"] = "gated_pingpong_128x128x128_c1x2"  # the layer's fused path is opt-in
     got = moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, torch.ones(E, device=DEV), torch.ones(E, device=DEV),
                                       torch.tensor([0.02], device=DEV), torch.tensor([0.05], device=DEV),
                                       activation="swigluoai", gate_up_interleaved=True,
-                                      w1_bias=torch.randn(E, 2 * I, device=DEV))
-    os.environ.pop("MOE_KERNELS_GEMM_CONFIG")
+                                      w1_bias=torch.randn(E, 2 * I, device=DEV))  # the fused path by default
     assert got.isfinite().all()
 
 

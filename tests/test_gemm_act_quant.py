@@ -2,7 +2,8 @@
 quantization in the epilogue): the CPU implementation against the unfused ops and a float64
 formula; bad arguments; on a GPU, the fused CUTLASS epilogue byte for byte against the plain GEMM
 (the same tile configuration forced) followed by silu_and_mul_quant_fp8, and the layer's fused path
-(opted in through MOE_KERNELS_GEMM_CONFIG=gated_<name>) against its default unfused path."""
+(its default where it applies; a configuration forced with MOE_KERNELS_GEMM_CONFIG=gated_<name>)
+against its unfused path (MOE_KERNELS_FUSED_GEMM1=0)."""
 
 import os
 
@@ -244,11 +245,19 @@ def interleave(w):
     return torch.stack([w[:, :N // 2], w[:, N // 2:]], 2).reshape(w.shape)
 
 
+def runs_fused_gemm1(fn):
+    """Whether a call of fn launches the fused GEMM1 (its argument kernel names it)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any("build_gated_args_kernel" in e.name for e in prof.events())
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("T,E,K,H,I", [(512, 8, 2, 256, 128), (1000, 16, 4, 512, 384), (333, 4, 1, 128, 64)])
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("config", ["gated_pingpong_128x128x128_c1x2", "gated_coop_128x256x128_c1x2"])
+@pytest.mark.parametrize("config", [None, "gated_pingpong_128x128x128_c1x2", "gated_coop_128x256x128_c1x2"])
 def test_cuda_layer_fused_path_gives_the_same_bytes(T, E, K, H, I, activation, bias, config, monkeypatch):
     torch.manual_seed(3)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -259,21 +268,86 @@ def test_cuda_layer_fused_path_gives_the_same_bytes(T, E, K, H, I, activation, b
     w1, s1, w2, s2 = w1.cuda(), s1.cuda(), w2.cuda(), s2.cuda()
     b1 = torch.randn(E, 2 * I, device="cuda") if bias else None
     a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.05], device="cuda")
-    assert T * K // E > 32  # the fused path's condition (with the opt-in below)
+    assert T * K // E > 32  # the fused path's condition
 
     def layer():
         return moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s1, s2, a1, a2, activation=activation,
                                            gate_up_interleaved=True, w1_bias=b1)
 
-    unfused_layer = layer()  # the default: GEMM1 and the activation kernel apart
-    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", config)  # opts in to the fused GEMM1
-    fused = layer()
+    monkeypatch.setenv("MOE_KERNELS_FUSED_GEMM1", "0")
+    unfused_layer = layer()  # GEMM1 and the activation kernel apart
+    assert not runs_fused_gemm1(layer)
+    monkeypatch.delenv("MOE_KERNELS_FUSED_GEMM1")
+    if config is not None:
+        monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", config)
+    fused = layer()  # the default (config None) or the forced fused configuration
+    assert runs_fused_gemm1(layer)  # the [M, 2I] bf16 and the activation pass are gone
     assert torch.equal(fused, layer())  # run to run
     assert torch.equal(fused, unfused_layer)
-    monkeypatch.delenv("MOE_KERNELS_GEMM_CONFIG")
+    monkeypatch.delenv("MOE_KERNELS_GEMM_CONFIG", raising=False)
     cpu = moe_kernels.cutlass_moe_fp8(x.cpu(), w1.cpu(), w2.cpu(), w.cpu(), ids.cpu(), s1.cpu(), s2.cpu(), a1.cpu(),
                                       a2.cpu(), activation=activation, gate_up_interleaved=True,
                                       w1_bias=b1.cpu() if bias else None)
     err = (fused.float().cpu() - cpu.float()).norm() / cpu.float().norm()
     assert err < 0.03
     assert os.environ.get("MOE_KERNELS_GEMM_CONFIG") is None
+
+
+@pytest.mark.cuda
+def test_cuda_layer_takes_the_fused_gemm1_only_where_it_applies(monkeypatch):
+    E, K, H, I = 8, 2, 256, 128
+    w1, s1 = quantize_per_expert(interleave(torch.randn(E, 2 * I, H)))
+    w2, s2 = quantize_per_expert(torch.randn(E, H, I))
+    w1, s1, w2, s2 = w1.cuda(), s1.cuda(), w2.cuda(), s2.cuda()
+    a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.05], device="cuda")
+
+    def layer(T, a2_scale=a2, interleaved=True):
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        ids = random_topk_ids(T, K, E, device="cuda")
+        w = torch.rand(T, K, device="cuda")
+        return lambda: moe_kernels.cutlass_moe_fp8(x, w1, w2, w, ids, s1, s2, a1, a2_scale,
+                                                   gate_up_interleaved=interleaved)
+
+    assert runs_fused_gemm1(layer(512))                          # 128 rows per expert
+    assert not runs_fused_gemm1(layer(128))                      # 32 rows per expert: the plain GEMM's small tiles
+    assert not runs_fused_gemm1(layer(512, a2_scale=None))       # a dynamic output scale
+    assert not runs_fused_gemm1(layer(512, interleaved=False))   # gate and up in halves
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", FORCED)        # a plain configuration forced: the plain path
+    assert not runs_fused_gemm1(layer(512))
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", "gated_coop_128x256x128_c1x2")
+    assert runs_fused_gemm1(layer(512))
+    monkeypatch.delenv("MOE_KERNELS_GEMM_CONFIG")
+    monkeypatch.setenv("MOE_KERNELS_FUSED_GEMM1", "0")
+    assert not runs_fused_gemm1(layer(512))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_interleave_gate_up_gives_the_same_layer(device):
+    """A user's concatenated w13 (with per-channel scales and a bias) interleaved once at load: the
+    layer with gate_up_interleaved=True (on a GPU, the fused GEMM1) equals the layer on the original
+    weights; per-expert scales need nothing."""
+    torch.manual_seed(5)
+    T, E, K, H, I = 300, 4, 2, 128, 64
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    ids = random_topk_ids(T, K, E)
+    w = torch.rand(T, K)
+    w13 = torch.randn(E, 2 * I, H)
+    s13 = w13.abs().amax(2) / 448.0  # per channel
+    w13_q = (w13 / s13[:, :, None]).to(FP8)
+    w2, s2 = quantize_per_expert(torch.randn(E, H, I))
+    b13 = torch.randn(E, 2 * I)
+    a1, a2 = torch.tensor([0.02]), torch.tensor([0.05])
+    args = [t.to(device) for t in (x, w13_q, w2, w, ids, s13, s2, a1, a2, b13)]
+    x, w13_q, w2, w, ids, s13, s2, a1, a2, b13 = args
+    s2c = s2[:, None].expand(E, H).contiguous()
+    concatenated = moe_kernels.cutlass_moe_fp8(x, w13_q, w2, w, ids, s13, s2c, a1, a2, per_out_ch=True, w1_bias=b13)
+    il = moe_kernels.interleave_gate_up
+    interleaved = moe_kernels.cutlass_moe_fp8(x, il(w13_q), w2, w, ids, il(s13), s2c, a1, a2, per_out_ch=True,
+                                              gate_up_interleaved=True, w1_bias=il(b13))
+    assert torch.equal(interleaved, concatenated)
+    assert torch.equal(il(torch.arange(8).view(1, 8)), torch.tensor([[0, 4, 1, 5, 2, 6, 3, 7]]))
+
+
+def test_interleave_gate_up_rejects_an_odd_row_count():
+    with pytest.raises(ValueError, match=r"interleave_gate_up: t must be \[E, 2I, \.\.\.\] with an even dimension 1"):
+        moe_kernels.interleave_gate_up(torch.zeros(2, 3, 4))

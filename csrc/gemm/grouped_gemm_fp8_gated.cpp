@@ -28,22 +28,27 @@ namespace moe_kernels {
 MOE_KERNELS_GATED_CONFIGS(MOE_KERNELS_DECLARE_GATED)
 #undef MOE_KERNELS_DECLARE_GATED
 
-// Ping-pong by default: one warpgroup's epilogue (the activation: ~30 instructions per value) runs
-// under the other warpgroup's MMAs. The cooperative 128x256 tile, first tried (H100, 2026-12-05,
-// bench --ops layer: gpt-oss-20b T = 4096 GEMM1 935 us fused against 539 us for the plain GEMM and
-// 94 us for the activation pass), leaves both warpgroups idle on the tensor cores while they run
-// the epilogue; it stays compiled for comparison (MOE_KERNELS_GEMM_CONFIG=gated_coop_128x256x128_c1x2).
-const GroupedGemmFp8GatedKernel* select_grouped_gemm_fp8_gated(const char* forced) {
-  const GroupedGemmFp8GatedKernel* const kernels[] = {
+// The configuration by K, from the layer bench on an H100 (2026-12-05, bench/results/
+// bench_layer_fused_gemm1_quad_stores_*.json): ping-pong, whose one warpgroup's epilogue (the
+// activation, ~30 instructions per value) runs under the other warpgroup's MMAs, wins where the
+// K loop is short (K <= 3072: gpt-oss-20b T = 4096 layer 950 us against 1044 us cooperative,
+// Qwen3-30B-A3B 559 against 571); the cooperative 128x256 tile, whose larger tile feeds the tensor
+// cores better, wins where it is long (Qwen3-235B K = 4096 T = 4096: 1598 against 1954 us,
+// DeepSeek-V3 K = 7168: 5035 against 6327 us), the epilogue then a small share of each tile.
+const GroupedGemmFp8GatedKernel* select_grouped_gemm_fp8_gated(const char* forced, int64_t k) {
+  if (forced != nullptr && std::strncmp(forced, "gated_", 6) == 0) {
+    const GroupedGemmFp8GatedKernel* const kernels[] = {
 #define MOE_KERNELS_GATED_ADDRESS(name) &k_gated_##name,
-      MOE_KERNELS_GATED_CONFIGS(MOE_KERNELS_GATED_ADDRESS)
+        MOE_KERNELS_GATED_CONFIGS(MOE_KERNELS_GATED_ADDRESS)
 #undef MOE_KERNELS_GATED_ADDRESS
-  };
-  if (forced == nullptr || std::strncmp(forced, "gated_", 6) != 0) return kernels[0];
-  for (const GroupedGemmFp8GatedKernel* k : kernels) {
-    if (std::strcmp(k->name, forced) == 0) return k;
+    };
+    for (const GroupedGemmFp8GatedKernel* kernel : kernels) {
+      if (std::strcmp(kernel->name, forced) == 0) return kernel;
+    }
+    return nullptr;
   }
-  return nullptr;
+  constexpr int64_t kLongK = 3072;
+  return k <= kLongK ? &k_gated_pingpong_128x128x128_c1x2 : &k_gated_coop_128x256x128_c1x2;
 }
 
 namespace {
@@ -87,7 +92,7 @@ Tensor cutlass_grouped_gemm_fp8_act_quant(const Tensor& a, const Tensor& b, cons
   Tensor out = empty_on({a.size(0), b.size(1) / 2}, kFloat8, a);
   if (a.size(0) == 0 || E == 0) return out;
   const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
-  const GroupedGemmFp8GatedKernel* kernel = select_grouped_gemm_fp8_gated(forced);
+  const GroupedGemmFp8GatedKernel* kernel = select_grouped_gemm_fp8_gated(forced, a.size(1));
   STD_TORCH_CHECK(kernel != nullptr, kOp, ": MOE_KERNELS_GEMM_CONFIG=", forced, " names no compiled configuration "
                   "(gated ones: gated_pingpong_128x128x128_c1x2, gated_coop_128x256x128_c1x2)");
   const int sms = grouped_gemm_sm_count(static_cast<int>(a.get_device_index()));

@@ -54,7 +54,7 @@ struct GroupedGemmFp8GatedKernel {
 };
 // The configuration a call runs (the rule and its measurements: grouped_gemm_fp8_gated.cpp), or
 // the one MOE_KERNELS_GEMM_CONFIG names when it names a gated one (nullptr: no such name).
-const GroupedGemmFp8GatedKernel* select_grouped_gemm_fp8_gated(const char* forced);
+const GroupedGemmFp8GatedKernel* select_grouped_gemm_fp8_gated(const char* forced, int64_t k);
 
 // One configuration (one .cu file each: CUTLASS, or the decode GEMV of grouped_gemv_fp8.cuh): its
 // scratch and workspace sizes and its launch, which returns an empty string on success, else what

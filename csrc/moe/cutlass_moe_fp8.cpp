@@ -137,19 +137,22 @@ struct Steps {
 };
 
 // Whether GEMM1 runs with the activation and the quantization in its epilogue
-// (cutlass_grouped_gemm_fp8_act_quant) instead of the GEMM and silu_and_mul_quant_fp8 apart. Opt-in
-// for now: only when MOE_KERNELS_GEMM_CONFIG names a fused configuration (gated_<name>). Measured
-// on an H100 (2026-12-05), the cooperative fused GEMM1 made gpt-oss-20b's layer slower (T = 4096:
-// 1326 us against 1108), and the ping-pong one has not run on a GPU yet; the default stays the
-// path measured fastest. It needs gate/up interleaved rows (each thread holds a gate and its up
-// value), a static per-tensor output scale (a dynamic one needs the maximum over columns other
-// tiles hold), per-expert or per-channel weight scales and > 32 rows per expert (where the plain
-// GEMM1's tiles, as the fused ones, have K tiles of 128: the same accumulation order, so the
-// layer's bytes do not depend on the path).
+// (cutlass_grouped_gemm_fp8_act_quant) instead of the GEMM and silu_and_mul_quant_fp8 apart. The
+// default wherever it applies: measured on an H100 (2026-12-05, bench --ops layer) the layer is
+// faster with it (gpt-oss-20b T = 4096: 950 us against 1106; Qwen3-235B T = 4096, w1 read as
+// interleaved: 1598 against 1722). It needs gate/up interleaved rows (each thread holds a gate and
+// its up value), a static per-tensor output scale (a dynamic one needs the maximum over columns
+// other tiles hold), per-expert or per-channel weight scales and > 32 rows per expert (where the
+// plain GEMM1's tiles, as the fused ones, have K tiles of 128: the same accumulation order, so the
+// layer's bytes do not depend on the path). MOE_KERNELS_FUSED_GEMM1=0 turns it off; a plain
+// configuration forced through MOE_KERNELS_GEMM_CONFIG runs the plain path, a gated one forces
+// the fused configuration.
 bool gemm1_epilogue_applies(bool block, bool gate_up_interleaved, const std::optional<Tensor>& a2_scale, int64_t rows,
                             int64_t num_local_experts) {
+  const char* fused = std::getenv("MOE_KERNELS_FUSED_GEMM1");
+  if (fused != nullptr && std::strcmp(fused, "0") == 0) return false;
   const char* forced = std::getenv("MOE_KERNELS_GEMM_CONFIG");
-  if (forced == nullptr || std::strncmp(forced, "gated_", 6) != 0) return false;
+  if (forced != nullptr && *forced != '\0' && std::strncmp(forced, "gated_", 6) != 0) return false;
   if (block || !gate_up_interleaved || !a2_scale.has_value()) return false;
   if (a2_scale->numel() != 1 || a2_scale->scalar_type() != kFloat) return false;  // the plain path's checks say why
   constexpr int64_t kMinRowsPerExpert = 33;  // below, the plain GEMM takes 64-row tiles or the GEMV

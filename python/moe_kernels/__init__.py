@@ -31,6 +31,7 @@ from .ops.gemm import (  # noqa: E402
     cutlass_moe_fp8,
     grouped_gemm_fp8_choice,
     grouped_gemm_fp8_configs,
+    interleave_gate_up,
 )
 from .ops.routing import moe_fused_gate  # noqa: E402
 from .ops.fourbit import (  # noqa: E402
@@ -54,6 +55,7 @@ include_path = str(Path(__file__).resolve().parent / "include")
 __all__ = [
     "cutlass_grouped_gemm_fp8",
     "cutlass_grouped_gemm_fp8_act_quant",
+    "interleave_gate_up",
     "grouped_gemm_fp8_configs",
     "grouped_gemm_fp8_choice",
     "cutlass_moe_fp8",

@@ -435,3 +435,22 @@ def forced_gemm_config(config: Optional[str]):
             os.environ.pop("MOE_KERNELS_GEMM_CONFIG", None)
         else:
             os.environ["MOE_KERNELS_GEMM_CONFIG"] = before
+
+
+@contextlib.contextmanager
+def fused_gemm1(on: bool):
+    """cutlass_moe_fp8's GEMM1 with the activation in its epilogue where it applies (on, the default)
+    or apart (MOE_KERNELS_FUSED_GEMM1=0) inside the block; the variable's value from before is
+    restored after."""
+    before = os.environ.get("MOE_KERNELS_FUSED_GEMM1")
+    if on:
+        os.environ.pop("MOE_KERNELS_FUSED_GEMM1", None)
+    else:
+        os.environ["MOE_KERNELS_FUSED_GEMM1"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MOE_KERNELS_FUSED_GEMM1", None)
+        else:
+            os.environ["MOE_KERNELS_FUSED_GEMM1"] = before

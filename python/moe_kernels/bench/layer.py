@@ -19,7 +19,7 @@ import moe_kernels
 from . import features, hf_experts, roofline
 from ..modular.experts import gated_activation
 from .gemm import chosen_config, routed_offsets
-from .harness import FP8, ROTATION_MAX_SETS, Context, Times, forced_gemm_config, kernel_times_us, sets_for
+from .harness import FP8, ROTATION_MAX_SETS, Context, Times, forced_gemm_config, fused_gemm1, kernel_times_us, sets_for
 
 # Every contender's CUDA graph holds its intermediates at once: beyond 4096 tokens DeepSeek-V3's
 # (34 GB of bf16 + fp8 weights, ~10 GB per torch layer) would not fit an 80 GB H100.
@@ -179,22 +179,23 @@ def layer_row(ctx, m, T, w1b, w2b, w1, w2, b1, b2):
     # The activation step with the model's activation where the op takes it (else silu's time).
     act_quant = act if features.accepts("silu_and_mul_quant_fp8", *act) else {}
     hf = {f"hf_{impl}": hf_peer(impl, m, T, w1b, w2b, x, ids, w) for impl in ("grouped_mm", "batched_mm")}
-    # GEMM1 with the activation and quantization in its epilogue (opted in by naming a fused
-    # configuration) against the same layer with GEMM1 and the activation kernel apart (the default),
-    # where the fused path applies (static a2_scale, interleaved gate/up, > 32 rows per expert).
+    # The layer with GEMM1's activation and quantization in its epilogue (the default where it
+    # applies: static a2_scale, interleaved gate/up, > 32 rows per expert; each configuration forced
+    # too) against the same layer with GEMM1 and the activation kernel apart (MOE_KERNELS_FUSED_GEMM1=0).
     # Models with concatenated gate/up rows are timed with their w1 read as interleaved: the same
-    # work, the rows paired differently.
+    # work, the rows paired differently (a user interleaves w13 once at load: interleave_gate_up).
     fused_kw = dict(kw, gate_up_interleaved=True)
     gemm1_pair = {}
     if M // E > 32 and features.function("cutlass_grouped_gemm_fp8_act_quant") is not None:
-        def with_config(config):
+        def with_config(config, fused=True):
             def call(i, wt, *_):
-                with forced_gemm_config(config):
+                with forced_gemm_config(config), fused_gemm1(fused):
                     return moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **fused_kw)
             return call
-        gemm1_pair = {"fused_gemm1": with_config(FUSED_GEMM1_CONFIGS[0]),
+        gemm1_pair = {"fused_gemm1": with_config(None),
+                      "fused_gemm1_pingpong": with_config(FUSED_GEMM1_CONFIGS[0]),
                       "fused_gemm1_coop": with_config(FUSED_GEMM1_CONFIGS[1]),
-                      "unfused_gemm1": with_config(None)}
+                      "unfused_gemm1": with_config(None, fused=False)}
     t = ctx.measure({
         "ours": lambda i, wt, o, inv, i64, wb: moe_kernels.cutlass_moe_fp8(x, w1, w2, wt, i, s, s, a1, a2, **kw),
         "torch_fp8": lambda i, wt, o, inv, i64, wb: torch_fp8_layer(x, w1, w2, sr1, sr2, wt, i, E, act, b1, b2),

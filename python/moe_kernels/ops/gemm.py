@@ -66,16 +66,28 @@ def cutlass_grouped_gemm_fp8_act_quant(a: Tensor, b: Tensor, a_scales: Tensor, b
     Returns:
         [M, N // 2] float8_e4m3fn; rows at and past expert_offsets[-1] are not written.
 
-    Configurations: ``gated_pingpong_128x128x128_c1x2`` (the default) and
-    ``gated_coop_128x256x128_c1x2``; ``MOE_KERNELS_GEMM_CONFIG=gated_<name>`` forces one.
-    ``cutlass_moe_fp8`` takes this path only when that variable names one (opt-in: on an H100 the
-    cooperative configuration made the layer slower; the ping-pong one is not yet verified on a GPU)
-    and w1 is interleaved, a2_scale static and M // E > 32; otherwise it runs the GEMM and
-    silu_and_mul_quant_fp8 apart. No host sync, CUDA-graph capturable. Byte equality with the
-    unfused ops verified on an H100 for the cooperative configuration (docs/ops.md).
+    Configurations: ``gated_pingpong_128x128x128_c1x2`` for K <= 3072 and
+    ``gated_coop_128x256x128_c1x2`` above; ``MOE_KERNELS_GEMM_CONFIG=gated_<name>`` forces one.
+    ``cutlass_moe_fp8`` takes this path by default for interleaved w1 (:func:`interleave_gate_up`),
+    a static a2_scale and M // E > 32 (``MOE_KERNELS_FUSED_GEMM1=0``: off); otherwise it runs the
+    GEMM and silu_and_mul_quant_fp8 apart. No host sync, CUDA-graph capturable. Byte equality with
+    the unfused ops and race/memory checks verified on an H100 for both configurations (docs/ops.md).
     """
     return _ops.cutlass_grouped_gemm_fp8_act_quant(a, b, a_scales, b_scales, expert_offsets, out_scale, activation,
                                                    float(swiglu_alpha), float(swiglu_limit), bias)
+
+
+def interleave_gate_up(t: Tensor) -> Tensor:
+    """A gated layer's GEMM1 tensor with gate rows then up rows (vLLM's w13) rearranged so that gate
+    and up rows alternate (gpt-oss's layout), the layout that lets ``cutlass_moe_fp8`` run GEMM1 with
+    the activation in its epilogue (``gate_up_interleaved=True``). Apply it once at load to w13
+    [E, 2I, H], to its per-channel scales [E, 2I] (or [E, 2I, 1]) and to its bias [E, 2I]; per-expert
+    scales [E] stay as they are. Returns a new contiguous tensor: row 2j is gate row j, row 2j + 1
+    up row j (dimension 1)."""
+    if t.dim() < 2 or t.shape[1] % 2 != 0:
+        raise ValueError(f"interleave_gate_up: t must be [E, 2I, ...] with an even dimension 1, got shape {tuple(t.shape)}")
+    half = t.shape[1] // 2
+    return torch.stack([t[:, :half], t[:, half:]], 2).reshape(t.shape).contiguous()
 
 
 def grouped_gemm_fp8_configs() -> list:
@@ -139,6 +151,13 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
 
     Per-token and per-group activation scales travel with their rows through moe_permute's
     scales path (one kernel pass).
+
+    GEMM1 with the activation and quantization in its epilogue (cutlass_grouped_gemm_fp8_act_quant,
+    no [M, 2I] bf16 intermediate, no activation pass) is the default where it applies: a CUDA
+    input, gate_up_interleaved (interleave a concatenated w13, its per-channel scales and its bias
+    once at load with :func:`interleave_gate_up`), a static a2_scale, per-expert or per-channel
+    weight scales and more than 32 rows per local expert (T * K / E_local). The layer's bytes are
+    the same either way. ``MOE_KERNELS_FUSED_GEMM1=0`` turns it off.
 
     Sizes: outside block mode H and I must be multiples of 16 (the grouped GEMM's TMA loads need
     16-byte aligned e4m3 rows), nothing more: gpt-oss's H = I = 2880 works (partial tiles).
