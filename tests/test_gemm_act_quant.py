@@ -351,3 +351,30 @@ def test_interleave_gate_up_gives_the_same_layer(device):
 def test_interleave_gate_up_rejects_an_odd_row_count():
     with pytest.raises(ValueError, match=r"interleave_gate_up: t must be \[E, 2I, \.\.\.\] with an even dimension 1"):
         moe_kernels.interleave_gate_up(torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cutlass_fp8_experts_with_interleaved_weights_take_the_fused_gemm1(device):
+    """docs/modular.md's recipe: CutlassFp8Experts on interleave_gate_up(w13) (per-channel scales
+    interleaved too) with a static a2_scale equals the module on the checkpoint's order; on a GPU it
+    runs the fused GEMM1."""
+    from moe_kernels.modular import CutlassFp8Experts
+
+    torch.manual_seed(6)
+    T, E, K, H, I = 256, 4, 2, 128, 64
+    w13 = torch.randn(E, 2 * I, H)
+    s13 = w13.abs().amax(2) / 448.0
+    w13_q = (w13 / s13[:, :, None]).to(FP8)
+    w2 = torch.randn(E, H, I)
+    s2 = w2.abs().amax(2) / 448.0
+    w2_q = (w2 / s2[:, :, None]).to(FP8)
+    a2 = torch.tensor([0.05])
+    il = moe_kernels.interleave_gate_up
+    plain = CutlassFp8Experts(w13_q, w2_q, s13, s2, a2_scale=a2).to(device)
+    fused = CutlassFp8Experts(il(w13_q), w2_q, il(s13), s2, a2_scale=a2, gate_up_interleaved=True).to(device)
+    x = torch.randn(T, H, dtype=torch.bfloat16, device=device)
+    ids = random_topk_ids(T, K, E, device=device)
+    w = torch.rand(T, K, device=device)
+    assert torch.equal(fused(x, w, ids), plain(x, w, ids))
+    if device == "cuda":
+        assert runs_fused_gemm1(lambda: fused(x, w, ids)) and not runs_fused_gemm1(lambda: plain(x, w, ids))
