@@ -93,3 +93,11 @@ def spawn_ranks(rank_main, world, *args) -> dict:
                 warnings.warn(msg + "; retrying once", RuntimeWarning)
                 continue
             return {k: v for k, v in results.items() if not (isinstance(k, tuple) and k[:1] == (_DONE,))}
+
+
+def runs_fused_gemm1(fn):
+    """Whether a call of fn launches cutlass_moe_fp8's fused GEMM1 (its argument kernel names it)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any("build_gated_args_kernel" in e.name for e in prof.events())

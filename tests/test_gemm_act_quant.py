@@ -14,7 +14,7 @@ from torch.library import opcheck
 import moe_kernels
 
 from fp8_helpers import FP8, quantize_per_expert
-from helpers import poison_cuda_allocator, random_topk_ids
+from helpers import poison_cuda_allocator, random_topk_ids, runs_fused_gemm1
 
 ACTS = ["silu", "gelu", "swigluoai"]
 SHAPES = [  # (rows per expert, N = 2I, K)
@@ -243,14 +243,6 @@ def interleave(w):
     """[E, 2I, ...] with gate rows then up rows -> gate and up alternating."""
     N = w.shape[1]
     return torch.stack([w[:, :N // 2], w[:, N // 2:]], 2).reshape(w.shape)
-
-
-def runs_fused_gemm1(fn):
-    """Whether a call of fn launches the fused GEMM1 (its argument kernel names it)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return any("build_gated_args_kernel" in e.name for e in prof.events())
 
 
 @pytest.mark.cuda

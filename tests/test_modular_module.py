@@ -492,6 +492,46 @@ def test_fp8_from_checkpoint_loads_one_ranks_experts_and_mixtral_names():
         CutlassFp8Experts.from_checkpoint(renamed, prefix)   # default names: gate_proj...
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fp8_from_checkpoint_with_static_input_scale_and_interleaved_rows(device):
+    """A static FP8 checkpoint (compressed-tensors: per-channel weight scales, per-expert input
+    scales): static_input_scale takes the largest down_proj.input_scale as a2_scale; interleave
+    reorders w13 and its scales, so the layer gives the same output (on a GPU through the fused
+    GEMM1)."""
+    from helpers import runs_fused_gemm1
+
+    prefix = "model.layers.0.mlp.experts."
+    sd, _, _ = e4m3_block_checkpoint(prefix, "weight_scale", "channel")
+    down_scales = torch.rand(E) * 0.05 + 0.01
+    for e in range(E):
+        for name in ("gate_proj", "up_proj"):
+            sd[f"{prefix}{e}.{name}.input_scale"] = torch.tensor(0.02)
+        sd[f"{prefix}{e}.down_proj.input_scale"] = down_scales[e]
+    plain = CutlassFp8Experts.from_checkpoint(sd, prefix, static_input_scale=True).to(device)
+    fused = CutlassFp8Experts.from_checkpoint(sd, prefix, static_input_scale=True, interleave=True).to(device)
+    assert torch.equal(plain.w2_input_scale.cpu(), down_scales.max().reshape(1))
+    assert fused.gate_up_interleaved and not plain.gate_up_interleaved
+    assert torch.equal(fused.w13_weight.view(torch.uint8), moe_kernels.interleave_gate_up(plain.w13_weight.view(torch.uint8)))
+    x, _, w, ids = routing(3, n=300)  # 75 rows per expert: the fused GEMM1's range
+    x, w, ids = x.to(device, torch.bfloat16), w.to(device), ids.to(device)
+    assert torch.equal(fused(x, w, ids), plain(x, w, ids))
+    assert CutlassFp8Experts.from_checkpoint(sd, prefix).w2_input_scale is None  # the default: dynamic
+    if device == "cuda":
+        assert runs_fused_gemm1(lambda: fused(x, w, ids)) and not runs_fused_gemm1(lambda: plain(x, w, ids))
+
+
+def test_fp8_from_checkpoint_static_and_interleave_errors():
+    prefix = "p."
+    sd, _, _ = e4m3_block_checkpoint(prefix, "weight_scale", "channel")
+    with pytest.raises(KeyError, match=r"p\.0\.down_proj\.input_scale"):
+        CutlassFp8Experts.from_checkpoint(sd, prefix, static_input_scale=True)
+    with pytest.raises(ValueError, match="interleave=True with gate_up_interleaved=True"):
+        CutlassFp8Experts.from_checkpoint(sd, prefix, interleave=True, gate_up_interleaved=True)
+    block, _, _ = e4m3_block_checkpoint(prefix, "weight_scale_inv", "block")
+    with pytest.raises(ValueError, match="interleave=True needs per-channel or per-tensor weight scales"):
+        CutlassFp8Experts.from_checkpoint(block, prefix, interleave=True)
+
+
 def gpt_oss_checkpoint(prefix, seed=12):
     """gpt-oss's bf16 tensors as transformers' GptOssExperts / GptOssTopKRouter hold them."""
     g = torch.Generator().manual_seed(seed)

@@ -16,7 +16,9 @@ FP8 128x128 blocks       ``{e}.gate_proj.weight`` e4m3 [I, H] +           ``Cutl
 Qwen3-FP8, Kimi-K2)
 FP8 per channel /        ``.weight`` e4m3 + ``.weight_scale`` [N, 1] /    ``CutlassFp8Experts.from_checkpoint``
 per tensor               [N] / [] or [1] (per tensor: broadcast to per
-                         channel, exact)
+                         channel, exact), optional ``down_proj.
+                         input_scale`` (static_input_scale=True: max
+                         over experts)
 W4AFP8 (DeepSeek-R1)     ``{e}.gate_proj.weight`` int8 [I, H/2] +          ``CutlassW4A8Experts.from_checkpoint``
                          ``.weight_scale_inv`` [I, H/128], optional
                          ``.input_scale`` (max over experts), up, down
@@ -35,8 +37,9 @@ router                   ``weight`` [E, H], optional ``bias`` [E]         ``Fuse
 =======================  ==============================================  ===========================
 
 Per-expert tensors are stacked into w13 = [gate; up] (gate rows first) and w2. Checkpoint input
-scales (static activation scales) are not read for FP8: activations are quantized dynamically
-(W4AFP8 uses them, as SGLang does). For the
+scales (static activation scales) are read for FP8 only when asked (``static_input_scale=True``:
+the second GEMM's input takes the maximum of the experts' ``down_proj.input_scale``, as vLLM does;
+otherwise activations are quantized dynamically); W4AFP8 uses them, as SGLang does. For the
 fused (gpt-oss) layouts, the activation defaults to gpt-oss's: swigluoai, gate and up interleaved,
 alpha 1.702, limit 7.0 (pass ``activation="silu", gate_up_interleaved=False`` for a fused
 checkpoint without them, e.g. Llama 4's).
@@ -155,6 +158,22 @@ def load_float_experts(tensors, prefix: str, *, experts=None,
     return ExpertTensors("per_expert", w1, w2)
 
 
+def _max_input_scale(src: _Source, prefix: str, ids, projs, who: str) -> Tensor:
+    """The largest of the experts' static input scales of these projections, [1] fp32: one scale
+    serves the whole grouped GEMM, and the largest one clips no expert's activations."""
+    return torch.stack([src.get(f"{prefix}{e}.{n}.input_scale", who).float().reshape(())
+                        for e in ids for n in projs]).max().reshape(1)
+
+
+def load_fp8_down_input_scale(tensors, prefix: str, *, experts=None,
+                              names=("gate_proj", "up_proj", "down_proj")) -> Tensor:
+    """The static scale of the FP8 layer's second GEMM input: the maximum of the experts'
+    ``{e}.down_proj.input_scale`` (a KeyError naming the first missing tensor)."""
+    who, src, prefix = "CutlassFp8Experts.from_checkpoint", _Source(tensors), _norm_prefix(prefix)
+    ids = _expert_ids(src, prefix, names[0], experts, who)
+    return _max_input_scale(src, prefix, ids, (names[2],), who)
+
+
 def load_fp8_experts(tensors, prefix: str, *, experts=None,
                      names=("gate_proj", "up_proj", "down_proj")) -> ExpertTensors:
     """e4m3 per-expert weights with block (``weight_scale_inv``) or per-channel / per-tensor
@@ -200,10 +219,7 @@ def load_w4a8_experts(tensors, prefix: str, *, experts=None, names=("gate_proj",
     s1, s2 = _stack(src, prefix, ids, names, "weight_scale_inv", who)
     a1 = a2 = None
     if src.has(f"{prefix}{ids[0]}.{gate}.input_scale"):
-        def max_scale(projs):
-            return torch.stack([src.get(f"{prefix}{e}.{n}.input_scale", who).float().reshape(())
-                                for e in ids for n in projs]).max().reshape(1)
-        a1, a2 = max_scale((gate, up)), max_scale((down,))
+        a1, a2 = _max_input_scale(src, prefix, ids, (gate, up), who), _max_input_scale(src, prefix, ids, (down,), who)
     return ExpertTensors("per_expert", w1, w2, s1.float().contiguous(), s2.float().contiguous()), a1, a2
 
 

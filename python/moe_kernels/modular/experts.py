@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.gemm import cutlass_moe_fp8
+from ..ops.gemm import cutlass_moe_fp8, interleave_gate_up
 from ..ops.permute import moe_sort_tokens
 from . import checkpoint as _ckpt
 
@@ -353,15 +353,33 @@ class CutlassFp8Experts(_FixedDtypes, Experts):
     def from_checkpoint(cls, tensors, prefix: str, *, experts: Optional[Sequence[int]] = None,
                         names=("gate_proj", "up_proj", "down_proj"), activation: str = "silu",
                         gate_up_interleaved: bool = False, swiglu_alpha: float = 1.702,
-                        swiglu_limit: float = 7.0) -> "CutlassFp8Experts":
+                        swiglu_limit: float = 7.0, static_input_scale: bool = False,
+                        interleave: bool = False) -> "CutlassFp8Experts":
         """FP8 experts from per-expert checkpoint tensors ``{prefix}{e}.gate_proj.weight`` (e4m3
         [I, H]) with ``.weight_scale_inv`` [I/128, H/128] (block-scaled: DeepSeek-V3/R1, Qwen3-FP8,
         Kimi-K2) or ``.weight_scale`` (per channel [N] / [N, 1], or per tensor, which is broadcast
-        to per channel: exact), the same for up_proj and down_proj. Input scales in the checkpoint
-        are not used: activations are quantized dynamically per token (per 1x128 group in block
-        mode). See :mod:`moe_kernels.modular.checkpoint`."""
+        to per channel: exact), the same for up_proj and down_proj. Activations are quantized
+        dynamically per token (per 1x128 group in block mode), except with ``static_input_scale``:
+        the second GEMM's input then takes the static scale a2_scale = the maximum of the experts'
+        ``down_proj.input_scale`` (vLLM's choice for static FP8 checkpoints; not in block mode).
+        ``interleave``: w13's gate and up rows (and their per-channel scales) are interleaved at load
+        (:func:`moe_kernels.interleave_gate_up`; the registered w13_weight is then in that order),
+        which with ``static_input_scale`` lets cutlass_moe_fp8 run GEMM1 with the activation in its
+        epilogue (docs/ops.md); not for block scales or a checkpoint already interleaved.
+        See :mod:`moe_kernels.modular.checkpoint`."""
+        who = "CutlassFp8Experts.from_checkpoint"
         w = _ckpt.load_fp8_experts(tensors, prefix, experts=experts, names=names)
-        return cls(w.w1, w.w2, w.w1_scale, w.w2_scale, activation=activation, gate_up_interleaved=gate_up_interleaved,
+        a2 = _ckpt.load_fp8_down_input_scale(tensors, prefix, experts=experts, names=names) if static_input_scale else None
+        w1, s1 = w.w1, w.w1_scale
+        if interleave:
+            if gate_up_interleaved:
+                raise ValueError(f"{who}: interleave=True with gate_up_interleaved=True: the checkpoint's gate and up "
+                                 "rows are interleaved already")
+            if s1.dim() == 3:
+                raise ValueError(f"{who}: interleave=True needs per-channel or per-tensor weight scales, not 128x128 "
+                                 "blocks (a block holds 128 gate or 128 up rows)")
+            w1, s1, gate_up_interleaved = interleave_gate_up(w1), interleave_gate_up(s1), True
+        return cls(w1, w.w2, s1, w.w2_scale, a2, activation=activation, gate_up_interleaved=gate_up_interleaved,
                    swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
 
     def reference(self) -> TorchExperts:
