@@ -210,3 +210,20 @@ def test_short_steps_are_timed_over_a_replay_long_enough_to_hide_the_graph_launc
     assert calls == MAX_REPEATS or min(_timed_ms(run, 3)) / 1e3 >= 0.5 * MIN_REPLAY_S
     kernels = kernel_times_us(lambda: x.add(1))
     assert kernels is None or (len(kernels) == 1 and kernels[0][1] > 0)
+
+
+def test_bench_env_switches_restore_the_users_values(monkeypatch):
+    from moe_kernels.bench.harness import forced_gemm_config, fused_gemm1
+
+    monkeypatch.setenv("MOE_KERNELS_GEMM_CONFIG", "coop_128x256x128_c1x2")  # a user's choice for the run
+    monkeypatch.delenv("MOE_KERNELS_FUSED_GEMM1", raising=False)
+    with forced_gemm_config(None):
+        assert os.environ["MOE_KERNELS_GEMM_CONFIG"] == "coop_128x256x128_c1x2"
+    with forced_gemm_config("gated_coop_128x256x128_c1x2"), fused_gemm1(False):
+        assert os.environ["MOE_KERNELS_GEMM_CONFIG"] == "gated_coop_128x256x128_c1x2"
+        assert os.environ["MOE_KERNELS_FUSED_GEMM1"] == "0"
+        with fused_gemm1(True):
+            assert "MOE_KERNELS_FUSED_GEMM1" not in os.environ
+        assert os.environ["MOE_KERNELS_FUSED_GEMM1"] == "0"
+    assert os.environ["MOE_KERNELS_GEMM_CONFIG"] == "coop_128x256x128_c1x2"
+    assert "MOE_KERNELS_FUSED_GEMM1" not in os.environ

@@ -421,36 +421,31 @@ class Context:
 
 
 @contextlib.contextmanager
-def forced_gemm_config(config: Optional[str]):
-    """MOE_KERNELS_GEMM_CONFIG=config inside the block (None: the automatic choice). The op reads it
-    on the host at each call, so a graph captured inside keeps the configuration. The variable's
-    value from before (a user's MOE_KERNELS_GEMM_CONFIG for the whole run) is restored after."""
-    before = os.environ.get("MOE_KERNELS_GEMM_CONFIG")
-    if config:
-        os.environ["MOE_KERNELS_GEMM_CONFIG"] = config
+def _env_var(name: str, value: Optional[str]):
+    """The environment variable name = value inside the block (None: unset); its value from before
+    is restored after. The ops read these variables on the host at each call, so a graph captured
+    inside keeps what they chose."""
+    before = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("MOE_KERNELS_GEMM_CONFIG", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["MOE_KERNELS_GEMM_CONFIG"] = before
+            os.environ[name] = before
 
 
-@contextlib.contextmanager
+def forced_gemm_config(config: Optional[str]):
+    """MOE_KERNELS_GEMM_CONFIG=config inside the block (None: the automatic choice, or the
+    configuration a user's MOE_KERNELS_GEMM_CONFIG forces for the whole run, left in place)."""
+    return _env_var("MOE_KERNELS_GEMM_CONFIG", config) if config else contextlib.nullcontext()
+
+
 def fused_gemm1(on: bool):
     """cutlass_moe_fp8's GEMM1 with the activation in its epilogue where it applies (on, the default)
-    or apart (MOE_KERNELS_FUSED_GEMM1=0) inside the block; the variable's value from before is
-    restored after."""
-    before = os.environ.get("MOE_KERNELS_FUSED_GEMM1")
-    if on:
-        os.environ.pop("MOE_KERNELS_FUSED_GEMM1", None)
-    else:
-        os.environ["MOE_KERNELS_FUSED_GEMM1"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MOE_KERNELS_FUSED_GEMM1", None)
-        else:
-            os.environ["MOE_KERNELS_FUSED_GEMM1"] = before
+    or apart (MOE_KERNELS_FUSED_GEMM1=0) inside the block."""
+    return _env_var("MOE_KERNELS_FUSED_GEMM1", None if on else "0")
