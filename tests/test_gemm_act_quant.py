@@ -239,12 +239,6 @@ def test_cuda_opcheck_and_graph_capture():
     assert torch.equal(eager.view(torch.uint8), captured.view(torch.uint8))
 
 
-def interleave(w):
-    """[E, 2I, ...] with gate rows then up rows -> gate and up alternating."""
-    N = w.shape[1]
-    return torch.stack([w[:, :N // 2], w[:, N // 2:]], 2).reshape(w.shape)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("T,E,K,H,I", [(512, 8, 2, 256, 128), (1000, 16, 4, 512, 384), (333, 4, 1, 128, 64)])
 @pytest.mark.parametrize("activation", ACTS)
@@ -255,7 +249,7 @@ def test_cuda_layer_fused_path_gives_the_same_bytes(T, E, K, H, I, activation, b
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids = random_topk_ids(T, K, E, device="cuda")
     w = torch.rand(T, K, device="cuda")
-    w1, s1 = quantize_per_expert(interleave(torch.randn(E, 2 * I, H)))
+    w1, s1 = quantize_per_expert(moe_kernels.interleave_gate_up(torch.randn(E, 2 * I, H)))
     w2, s2 = quantize_per_expert(torch.randn(E, H, I))
     w1, s1, w2, s2 = w1.cuda(), s1.cuda(), w2.cuda(), s2.cuda()
     b1 = torch.randn(E, 2 * I, device="cuda") if bias else None
@@ -288,7 +282,7 @@ def test_cuda_layer_fused_path_gives_the_same_bytes(T, E, K, H, I, activation, b
 @pytest.mark.cuda
 def test_cuda_layer_takes_the_fused_gemm1_only_where_it_applies(monkeypatch):
     E, K, H, I = 8, 2, 256, 128
-    w1, s1 = quantize_per_expert(interleave(torch.randn(E, 2 * I, H)))
+    w1, s1 = quantize_per_expert(moe_kernels.interleave_gate_up(torch.randn(E, 2 * I, H)))
     w2, s2 = quantize_per_expert(torch.randn(E, H, I))
     w1, s1, w2, s2 = w1.cuda(), s1.cuda(), w2.cuda(), s2.cuda()
     a1, a2 = torch.tensor([0.02], device="cuda"), torch.tensor([0.05], device="cuda")
@@ -370,3 +364,12 @@ def test_cutlass_fp8_experts_with_interleaved_weights_take_the_fused_gemm1(devic
     assert torch.equal(fused(x, w, ids), plain(x, w, ids))
     if device == "cuda":
         assert runs_fused_gemm1(lambda: fused(x, w, ids)) and not runs_fused_gemm1(lambda: plain(x, w, ids))
+
+
+def test_interleave_gate_up_rejects_one_dimension_and_takes_strided_views():
+    with pytest.raises(ValueError, match=r"interleave_gate_up: t must be \[E, 2I, \.\.\.\] with an even dimension 1, got shape \(8,\)"):
+        moe_kernels.interleave_gate_up(torch.zeros(8))
+    t = torch.arange(32).view(2, 4, 4).transpose(1, 2)  # not contiguous: [E=2, 2I=4, 4]
+    got = moe_kernels.interleave_gate_up(t)
+    assert got.is_contiguous()
+    assert torch.equal(got, t[:, [0, 2, 1, 3]])

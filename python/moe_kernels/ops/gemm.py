@@ -157,7 +157,7 @@ def cutlass_moe_fp8(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights:
     input, gate_up_interleaved (interleave a concatenated w13, its per-channel scales and its bias
     once at load with :func:`interleave_gate_up`), a static a2_scale, per-expert or per-channel
     weight scales and more than 32 rows per local expert (T * K / E_local). The layer's bytes are
-    the same either way. ``MOE_KERNELS_FUSED_GEMM1=0`` turns it off.
+    the same either way. ``MOE_KERNELS_FUSED_GEMM1=0`` turns it off (only the value 0).
 
     Sizes: outside block mode H and I must be multiples of 16 (the grouped GEMM's TMA loads need
     16-byte aligned e4m3 rows), nothing more: gpt-oss's H = I = 2880 works (partial tiles).
